@@ -1,0 +1,63 @@
+//! One MQTT connection driven in its own task, reconnecting with backoff.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use tokio::sync::watch;
+
+use crate::BrokerUrl;
+
+pub(crate) struct ConnectionSpec<'a> {
+    pub url: &'a BrokerUrl,
+    pub client_id: String,
+    /// Device whose Will this connection carries.
+    pub will_for: Option<&'a str>,
+    pub keep_alive: Duration,
+    pub inflight: u16,
+    pub capacity: usize,
+}
+
+pub(crate) fn open(spec: ConnectionSpec<'_>) -> (AsyncClient, EventLoop) {
+    let mut options = MqttOptions::new(spec.client_id, spec.url.host.clone(), spec.url.port);
+    options
+        .set_keep_alive(spec.keep_alive)
+        .set_inflight(spec.inflight)
+        .set_max_packet_size(1024 * 1024, 1024 * 1024);
+    if let Some(device) = spec.will_for {
+        options.set_last_will(LastWill::new(
+            format!("devices/{device}/lwt"),
+            r#"{"reason":"connection_lost"}"#,
+            QoS::AtLeastOnce,
+            false,
+        ));
+    }
+    AsyncClient::new(options, spec.capacity)
+}
+
+/// Polls `eventloop` forever, reporting the connection state on `connected` and
+/// counting connection errors. Cancel by aborting the task: dropping the event loop
+/// closes the socket without a DISCONNECT, which is what a crashed device does.
+pub(crate) async fn drive(
+    mut eventloop: EventLoop,
+    connected: watch::Sender<bool>,
+    errors: Arc<AtomicU64>,
+) {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                delay = Duration::from_millis(50);
+                connected.send_replace(true);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                connected.send_replace(false);
+                errors.fetch_add(1, Relaxed);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

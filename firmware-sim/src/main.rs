@@ -1,0 +1,119 @@
+//! `firmware-sim`: simulated devices publishing fleetwatch heartbeats.
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use clap::Parser;
+use firmware_sim::{BrokerUrl, Fleet, FleetConfig, QoS};
+use tokio::time::{self, Instant, MissedTickBehavior};
+
+/// Simulates N devices that heartbeat to an MQTT broker on devices/{id}/heartbeat.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Broker to publish to.
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    url: BrokerUrl,
+    /// Number of devices.
+    #[arg(long, default_value_t = 10)]
+    devices: u64,
+    /// Time between a device's heartbeats ("1s", "60s", "500ms").
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Each interval varies randomly by up to this much either way.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    jitter: Duration,
+    /// Device ids are PREFIX followed by a zero-padded index.
+    #[arg(long, default_value = "sim-")]
+    id_prefix: String,
+    /// MQTT QoS of heartbeats: 0 or 1.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
+    /// MQTT connections to spread the devices over (default: one per device).
+    #[arg(long)]
+    connections: Option<u64>,
+    /// Fraction of heartbeats (0 to 1) that report "status":"error".
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Give each connection a Last Will on devices/{id}/lwt (its first device's id).
+    #[arg(long)]
+    lwt: bool,
+    /// Stop after this long (default: run until Ctrl-C).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if !(0.0..=1.0).contains(&args.error_rate) {
+        eprintln!("firmware-sim: --error-rate must be between 0 and 1");
+        return ExitCode::from(2);
+    }
+    if args.devices == 0 || args.interval.is_zero() {
+        eprintln!("firmware-sim: --devices and --interval must be greater than zero");
+        return ExitCode::from(2);
+    }
+    let config = FleetConfig {
+        url: args.url.clone(),
+        devices: args.devices,
+        interval: args.interval,
+        jitter: args.jitter,
+        id_prefix: args.id_prefix,
+        qos: if args.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        },
+        connections: args.connections.unwrap_or(args.devices),
+        error_rate: args.error_rate,
+        lwt: args.lwt,
+    };
+    let connections = config.connections.clamp(1, config.devices);
+    println!(
+        "firmware-sim: {} devices over {} connections to {}, every {} (~{:.0} heartbeats/s)",
+        config.devices,
+        connections,
+        args.url,
+        humantime::format_duration(config.interval),
+        config.devices as f64 / config.interval.as_secs_f64()
+    );
+    let fleet = Fleet::start(config);
+    let stats = fleet.stats.clone();
+    let started = Instant::now();
+    let stop_at = args.duration.map(|d| started + d);
+    let mut ticker = time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_sent = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = ticker.tick() => {
+                let sent = stats.sent.load(Relaxed);
+                println!(
+                    "t={:>4}s sent/s={:>7} sent={:>9} errors={} connections={}/{}",
+                    started.elapsed().as_secs(),
+                    sent - last_sent,
+                    sent,
+                    stats.errors.load(Relaxed),
+                    stats.connected.load(Relaxed),
+                    connections,
+                );
+                last_sent = sent;
+                if stop_at.is_some_and(|at| Instant::now() >= at) {
+                    break;
+                }
+            }
+        }
+    }
+    let sent = stats.sent.load(Relaxed);
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "firmware-sim: sent {sent} heartbeats in {secs:.1}s ({:.0}/s), {} errors",
+        sent as f64 / secs,
+        stats.errors.load(Relaxed)
+    );
+    fleet.stop().await;
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,226 @@
+//! The hub assembled: [`Application::build`] opens the database and the broker (so
+//! start-up errors surface before anything runs), [`Application::run_until_stopped`]
+//! runs the pipeline until the shutdown future resolves, then stops it in order.
+//!
+//! ```text
+//! broker -> Subscriber -> queue -> HeartbeatHandler -> store (outbox) -> Publisher -> broker
+//!                                        ^
+//!                            OfflineChecker (flush, then mark_offline)
+//! ```
+//!
+//! Shutdown order: stop taking messages (subscriber) and checking; the handler drains
+//! the queue and commits its last batch; then the publisher delivers what is left.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::alerts::AlertChannel;
+use crate::checker::{Listening, OfflineChecker};
+use crate::clock::{Clock, Timestamp};
+use crate::config::{BrokerMode, ConfigError, Settings};
+use crate::heartbeat::{FlushHandle, HeartbeatHandler};
+use crate::metrics::Metrics;
+use crate::mqtt::broker::{BrokerError, EmbeddedBroker};
+use crate::mqtt::publisher::{DRAIN_TIMEOUT, Publisher};
+use crate::mqtt::subscriber::Subscriber;
+use crate::mqtt::{Endpoint, broker_packet_limit};
+use crate::storage::{self, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("database.url: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the {0} task stopped unexpectedly")]
+pub struct RunError(&'static str);
+
+pub struct Application {
+    settings: Settings,
+    clock: Clock,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    endpoint: Endpoint,
+    broker: Option<EmbeddedBroker>,
+    listening: (watch::Sender<Option<Timestamp>>, Listening),
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        Self::build_with_clock(settings, Clock::new()).await
+    }
+
+    pub async fn build_with_clock(settings: Settings, clock: Clock) -> Result<Self, StartError> {
+        settings.validate()?;
+        let store = storage::connect(&settings.database.url).await?;
+        let max_payload = settings.heartbeat.max_payload;
+        let (broker, host, port, credentials) = match settings.mqtt.broker {
+            BrokerMode::Embedded => {
+                let broker =
+                    EmbeddedBroker::start(settings.mqtt.listen, broker_packet_limit(max_payload))
+                        .await?;
+                let addr = broker.local_addr();
+                (Some(broker), addr.ip().to_string(), addr.port(), None)
+            }
+            BrokerMode::External => {
+                let url = settings.broker_url()?;
+                (None, url.host, url.port, url.credentials)
+            }
+        };
+        let client_id = if settings.mqtt.client_id.is_empty() {
+            // Unique per start, so two hubs on one broker never take over each other.
+            let random = uuid::Uuid::now_v7().simple().to_string();
+            format!("fleetwatch-{}", &random[random.len() - 8..])
+        } else {
+            settings.mqtt.client_id.clone()
+        };
+        let endpoint = Endpoint {
+            host,
+            port,
+            credentials,
+            client_id,
+            max_payload,
+        };
+        Ok(Self {
+            settings,
+            clock,
+            store,
+            metrics: Arc::new(Metrics::default()),
+            endpoint,
+            broker,
+            listening: watch::channel(None),
+        })
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store)
+    }
+
+    /// Since when the hub has been subscribed to heartbeats (`None`: not yet, or its
+    /// broker connection is down).
+    pub fn listening(&self) -> Listening {
+        self.listening.1.clone()
+    }
+
+    /// The embedded broker's address, if the hub runs one.
+    pub fn embedded_broker(&self) -> Option<SocketAddr> {
+        self.broker.as_ref().map(EmbeddedBroker::local_addr)
+    }
+
+    /// Runs the hub until `shutdown` resolves, then shuts down in order. An error
+    /// means one of its tasks ended on its own (a panic), after which the rest is
+    /// shut down as well.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), RunError> {
+        let hb = &self.settings.heartbeat;
+        let alerts = AlertChannel::new(Arc::clone(&self.metrics));
+        let (queue, inbox) = mpsc::channel(hb.queue_capacity);
+        let ingest_stop = CancellationToken::new();
+        let publish_stop = CancellationToken::new();
+        let (listening_tx, listening) = self.listening;
+
+        let handler = HeartbeatHandler::new(
+            Arc::clone(&self.store),
+            alerts.clone(),
+            Arc::clone(&self.metrics),
+            hb.flush_interval,
+            hb.max_batch,
+        );
+        let mut handler_task = tokio::spawn(handler.run(inbox));
+
+        let checker = OfflineChecker::new(
+            Arc::clone(&self.store),
+            self.clock.clone(),
+            hb.offline_after,
+            listening,
+            FlushHandle::new(queue.clone()),
+            alerts.clone(),
+            Arc::clone(&self.metrics),
+        );
+        let mut checker_task = tokio::spawn(checker.run(hb.check_interval, ingest_stop.clone()));
+
+        let subscriber = Subscriber::new(
+            self.endpoint.clone(),
+            self.clock.clone(),
+            queue,
+            listening_tx,
+            Arc::clone(&self.metrics),
+        );
+        let mut subscriber_task = tokio::spawn(subscriber.run(ingest_stop.clone()));
+
+        let publisher = Publisher::new(
+            self.endpoint.clone(),
+            Arc::clone(&self.store),
+            alerts.outbox_changed(),
+            Arc::clone(&self.metrics),
+            self.clock.clone(),
+            // rumqttd keeps no retained messages across restarts.
+            self.broker.is_some(),
+        );
+        let mut publisher_task = tokio::spawn(publisher.run(publish_stop.clone()));
+
+        tracing::info!(
+            broker = ?self.settings.mqtt.broker,
+            mqtt = %format!("{}:{}", self.endpoint.host, self.endpoint.port),
+            database = %self.settings.database.url,
+            offline_after = %humantime::format_duration(hb.offline_after),
+            "fleetwatch ready"
+        );
+
+        let failed = tokio::select! {
+            () = shutdown => None,
+            _ = &mut subscriber_task => Some("subscriber"),
+            _ = &mut checker_task => Some("offline checker"),
+            _ = &mut handler_task => Some("heartbeat handler"),
+            _ = &mut publisher_task => Some("status publisher"),
+        };
+        if let Some(task) = failed {
+            tracing::error!(task, "a task stopped unexpectedly; shutting down");
+        }
+        tracing::info!("shutting down: no new heartbeats, committing the last batch");
+        ingest_stop.cancel();
+        settle(subscriber_task).await;
+        settle(checker_task).await;
+        // Both queue senders are gone now: the handler drains what is queued and stops.
+        settle(handler_task).await;
+        publish_stop.cancel();
+        let publisher_deadline = DRAIN_TIMEOUT + Duration::from_secs(1);
+        if tokio::time::timeout(publisher_deadline, settle(publisher_task))
+            .await
+            .is_err()
+        {
+            tracing::warn!("status publisher did not stop in time");
+        }
+        tracing::info!("fleetwatch stopped");
+        match failed {
+            Some(task) => Err(RunError(task)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Waits for a task that may already have finished (its handle polled to completion).
+async fn settle(task: JoinHandle<()>) {
+    if !task.is_finished()
+        && let Err(e) = task.await
+    {
+        tracing::error!(error = %e, "task failed during shutdown");
+    }
+}

@@ -1,0 +1,215 @@
+//! The command line (interface.md section 6): `serve` (the default), `check`,
+//! `devices`. Errors end here as one line on stderr and an exit code: 2 for bad
+//! configuration, 1 for anything else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::app::Application;
+use crate::clock::{Clock, Timestamp};
+use crate::config::Settings;
+use crate::status::Status;
+use crate::storage::{self, Device};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fleetwatch",
+    version,
+    about = "Watches fleets of IoT devices over MQTT."
+)]
+pub struct Cli {
+    /// TOML configuration file (default: ./fleetwatch.toml if it exists).
+    #[arg(long, short, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the hub until SIGINT or SIGTERM (the default).
+    Serve,
+    /// Run one offline-check pass against the database and print the ids that went
+    /// offline, one a line. Their events are published by the running hub.
+    Check,
+    /// List devices from the database.
+    Devices {
+        /// Only devices with this status.
+        #[arg(long, value_parser = parse_status)]
+        status: Option<Status>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_status(text: &str) -> Result<Status, String> {
+    text.parse()
+        .map_err(|e: crate::status::UnknownStatus| e.to_string())
+}
+
+const EXIT_CONFIG: u8 = 2;
+
+/// Parses arguments, runs the command, and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("fleetwatch: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("fleetwatch: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => serve(settings).await,
+            Command::Check => check(settings).await,
+            Command::Devices { status, json } => devices(settings, status, json).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleetwatch: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    // rumqttd logs every connection and disconnection, at error level for abrupt
+    // ones; RUST_LOG=rumqttd=info brings that back when wanted.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off,sqlx=warn"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let app = Application::build(settings).await?;
+    app.run_until_stopped(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(stream) => Some(stream),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; use SIGINT to stop");
+            None
+        }
+    };
+    let sigterm = async {
+        match terminate.as_mut() {
+            Some(stream) => {
+                stream.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        () = sigterm => tracing::info!("SIGTERM received"),
+    }
+}
+
+async fn check(settings: Settings) -> anyhow::Result<()> {
+    let store = storage::connect(&settings.database.url).await?;
+    let now = Clock::new().now();
+    let cutoff = now.saturating_sub(settings.heartbeat.offline_after);
+    let events = store.mark_offline(cutoff, now).await?;
+    for event in &events {
+        println!("{}", event.device_id);
+    }
+    Ok(())
+}
+
+async fn devices(settings: Settings, status: Option<Status>, json: bool) -> anyhow::Result<()> {
+    let store = storage::connect(&settings.database.url).await?;
+    let devices = store.devices(status).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&devices)?);
+        return Ok(());
+    }
+    let now = Clock::new().now();
+    println!(
+        "{:<32} {:<13} {:<16} FIRMWARE",
+        "DEVICE", "STATUS", "LAST SEEN"
+    );
+    for device in &devices {
+        println!("{}", table_row(device, now));
+    }
+    Ok(())
+}
+
+fn table_row(device: &Device, now: Timestamp) -> String {
+    let last_seen = device
+        .last_seen_at
+        .map(|seen| ago(now.millis_since(seen)))
+        .unwrap_or_else(|| "never".into());
+    format!(
+        "{:<32} {:<13} {:<16} {}",
+        device.device_id,
+        device.status,
+        last_seen,
+        device.report.firmware_version.as_deref().unwrap_or("-")
+    )
+}
+
+fn ago(millis: i64) -> String {
+    let secs = millis.max(0) / 1000;
+    match secs {
+        0..60 => format!("{secs}s ago"),
+        60..3600 => format!("{}m ago", secs / 60),
+        3600..86_400 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_subcommand_means_serve() {
+        let cli = Cli::try_parse_from(["fleetwatch"]).expect("parses");
+        assert!(cli.command.is_none());
+        let cli = Cli::try_parse_from(["fleetwatch", "devices", "--status", "offline", "--json"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Some(Command::Devices {
+                status: Some(Status::Offline),
+                json: true
+            })
+        ));
+        assert!(Cli::try_parse_from(["fleetwatch", "devices", "--status", "asleep"]).is_err());
+    }
+
+    #[test]
+    fn ages_read_naturally() {
+        assert_eq!(ago(5_000), "5s ago");
+        assert_eq!(ago(120_000), "2m ago");
+        assert_eq!(ago(7_200_000), "2h ago");
+    }
+}

@@ -1,0 +1,139 @@
+//! The hub's clock. Every `last_seen_at`, deadline and `changed_at` comes from here,
+//! never from a device.
+//!
+//! [`Clock`] reads wall time once, at start, and advances it with tokio's monotonic
+//! clock. Two things follow: timestamps never run backwards when NTP steps the system
+//! clock (a step backwards could otherwise make a healthy device look silent), and
+//! tests drive the hub's notion of time with `tokio::time::pause()`/`advance()`.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use tokio::time::Instant;
+
+/// A point in time as Unix milliseconds (UTC): compact to store and compare, and what
+/// the SQLite store keeps in its INTEGER columns.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    pub const fn from_unix_millis(ms: i64) -> Self {
+        Self(ms)
+    }
+
+    pub const fn unix_millis(self) -> i64 {
+        self.0
+    }
+
+    pub fn from_datetime(dt: DateTime<Utc>) -> Self {
+        Self(dt.timestamp_millis())
+    }
+
+    pub fn to_datetime(self) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(self.0).unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+
+    /// RFC 3339 in UTC with millisecond precision, e.g. `2026-11-22T10:03:00.000Z`.
+    pub fn to_rfc3339(self) -> String {
+        self.to_datetime()
+            .to_rfc3339_opts(SecondsFormat::Millis, true)
+    }
+
+    pub fn parse_rfc3339(text: &str) -> Result<Self, chrono::ParseError> {
+        DateTime::parse_from_rfc3339(text).map(|dt| Self::from_datetime(dt.with_timezone(&Utc)))
+    }
+
+    pub fn saturating_sub(self, d: Duration) -> Self {
+        Self(self.0.saturating_sub(duration_millis(d)))
+    }
+
+    pub fn saturating_add(self, d: Duration) -> Self {
+        Self(self.0.saturating_add(duration_millis(d)))
+    }
+
+    /// Signed distance `self - earlier` in milliseconds.
+    pub fn millis_since(self, earlier: Timestamp) -> i64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+fn duration_millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_rfc3339())
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.to_rfc3339())
+    }
+}
+
+impl serde::Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_rfc3339())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Self::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Wall time anchored at creation and advanced by tokio's monotonic clock.
+#[derive(Clone, Debug)]
+pub struct Clock {
+    origin_wall: Timestamp,
+    origin: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Self::starting_at(Timestamp::from_datetime(Utc::now()))
+    }
+
+    /// A clock that reads `start` now; used by tests that pin the calendar.
+    pub fn starting_at(start: Timestamp) -> Self {
+        Self {
+            origin_wall: start,
+            origin: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.origin_wall.saturating_add(self.origin.elapsed())
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_round_trip_keeps_milliseconds() {
+        let t = Timestamp::parse_rfc3339("2026-11-22T10:03:00.123+01:00").expect("valid");
+        assert_eq!(t.to_rfc3339(), "2026-11-22T09:03:00.123Z");
+        assert_eq!(Timestamp::parse_rfc3339(&t.to_rfc3339()).ok(), Some(t));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clock_follows_tokio_time() {
+        let start = Timestamp::from_unix_millis(1_000_000);
+        let clock = Clock::starting_at(start);
+        tokio::time::advance(Duration::from_secs(180)).await;
+        assert_eq!(clock.now(), Timestamp::from_unix_millis(1_180_000));
+    }
+}

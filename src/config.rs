@@ -1,0 +1,535 @@
+//! Configuration (interface.md section 5): defaults, then an optional TOML file, then
+//! `FLEETWATCH_SECTION__KEY` environment variables.
+//!
+//! Anything wrong stops start-up with one line naming the key: a value of the wrong
+//! type, an out-of-range value, an unknown key in the file, and an unknown
+//! `FLEETWATCH_*` variable (a misspelled override would otherwise be ignored in
+//! silence, and the hub would run on a default the operator thought they had changed).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::heartbeat::payload::DEFAULT_MAX_PAYLOAD;
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_FILE: &str = "fleetwatch.toml";
+const ENV_PREFIX: &str = "FLEETWATCH";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub mqtt: MqttSettings,
+    pub database: DatabaseSettings,
+    pub heartbeat: HeartbeatSettings,
+    pub http: HttpSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerMode {
+    /// rumqttd inside the hub, listening on `mqtt.listen`.
+    Embedded,
+    /// A broker of the operator's (Mosquitto, EMQX) at `mqtt.url`.
+    External,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSettings {
+    pub broker: BrokerMode,
+    /// Where the embedded broker listens for devices.
+    #[serde(with = "address")]
+    pub listen: SocketAddr,
+    /// The external broker: `mqtt://[USER:PASSWORD@]HOST[:PORT]`.
+    pub url: String,
+    /// Prefix of the hub's MQTT client ids; empty picks a unique one per start.
+    pub client_id: String,
+}
+
+impl<'de> Deserialize<'de> for BrokerMode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.as_str() {
+            "embedded" => Ok(BrokerMode::Embedded),
+            "external" => Ok(BrokerMode::External),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?} is not a broker mode (expected \"embedded\" or \"external\")"
+            ))),
+        }
+    }
+}
+
+/// Socket addresses with a message that shows the value and the expected form.
+mod address {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(addr: &SocketAddr, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(addr)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a socket address (expected IP:PORT, e.g. 0.0.0.0:1883)"
+            ))
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `sqlite://PATH` (created if missing).
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatSettings {
+    /// Silence after which an online device is declared offline.
+    #[serde(with = "humantime_serde")]
+    pub offline_after: Duration,
+    /// How often the offline checker runs; detection lags a deadline by at most this
+    /// plus one flush.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// Longest a received heartbeat waits before it is committed.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Messages the subscriber may queue for the handler before it stops reading.
+    pub queue_capacity: usize,
+    /// Distinct devices pending that trigger a flush before `flush_interval`.
+    pub max_batch: usize,
+    /// Largest accepted heartbeat payload, in bytes.
+    pub max_payload: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    #[serde(with = "address")]
+    pub listen: SocketAddr,
+    pub api_key: Option<Secret>,
+}
+
+/// A value that never appears in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            mqtt: MqttSettings {
+                broker: BrokerMode::Embedded,
+                listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+                url: "mqtt://127.0.0.1:1883".into(),
+                client_id: String::new(),
+            },
+            database: DatabaseSettings {
+                url: "sqlite://fleetwatch.db".into(),
+            },
+            heartbeat: HeartbeatSettings {
+                offline_after: Duration::from_secs(180),
+                check_interval: Duration::from_millis(250),
+                flush_interval: Duration::from_millis(250),
+                queue_capacity: 65_536,
+                max_batch: 20_000,
+                max_payload: DEFAULT_MAX_PAYLOAD,
+            },
+            http: HttpSettings {
+                listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+                api_key: None,
+            },
+        }
+    }
+}
+
+/// A configuration problem, as the one line start-up prints.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn key(key: &str, problem: impl fmt::Display) -> Self {
+        Self(format!("{key}: {problem}"))
+    }
+}
+
+/// The parsed external broker address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    pub credentials: Option<(String, String)>,
+}
+
+impl Settings {
+    /// Loads the layers from the real environment. `file`: `--config`, which must
+    /// exist; without it `fleetwatch.toml` is read if present.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Loads the layers with `vars` as the environment.
+    pub fn load_from(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let file = match file {
+            Some(path) if !path.is_file() => {
+                return Err(ConfigError(format!(
+                    "--config {}: no such file",
+                    path.display()
+                )));
+            }
+            Some(path) => Some(path.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_FILE)).filter(|p| p.is_file()),
+        };
+        let vars: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(&format!("{ENV_PREFIX}_")))
+            .collect();
+        check_env_names(&vars)?;
+
+        let defaults = config::Config::try_from(&Settings::default())
+            .map_err(|e| ConfigError(format!("built-in defaults: {e}")))?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        if let Some(path) = &file {
+            builder = builder.add_source(config::File::from(path.as_path()).required(true));
+        }
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .separator("__")
+            .source(Some(vars.iter().cloned().collect()));
+        let merged = builder
+            .add_source(environment)
+            .build()
+            .map_err(|e| describe(e, file.as_deref(), &vars))?;
+        let settings: Settings = merged
+            .try_deserialize()
+            .map_err(|e| describe(e, file.as_deref(), &vars))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what types cannot: ranges and URLs.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let hb = &self.heartbeat;
+        for (key, value) in [
+            ("heartbeat.offline_after", hb.offline_after),
+            ("heartbeat.check_interval", hb.check_interval),
+            ("heartbeat.flush_interval", hb.flush_interval),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::key(key, "must be greater than zero"));
+            }
+        }
+        for (key, value) in [
+            ("heartbeat.queue_capacity", hb.queue_capacity),
+            ("heartbeat.max_batch", hb.max_batch),
+            ("heartbeat.max_payload", hb.max_payload),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::key(key, "must be greater than zero"));
+            }
+        }
+        if hb.max_payload > 16 * 1024 * 1024 {
+            return Err(ConfigError::key(
+                "heartbeat.max_payload",
+                "must be at most 16 MiB",
+            ));
+        }
+        if self.mqtt.broker == BrokerMode::External {
+            self.broker_url()?;
+        }
+        if !self.database.url.starts_with("sqlite:") {
+            return Err(ConfigError::key(
+                "database.url",
+                format!(
+                    "{:?} is not supported (expected sqlite://PATH)",
+                    self.database.url
+                ),
+            ));
+        }
+        if !self.mqtt.client_id.is_empty()
+            && !self
+                .mqtt
+                .client_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(ConfigError::key(
+                "mqtt.client_id",
+                "may only contain letters, digits and - _ .",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `mqtt.url`, parsed.
+    pub fn broker_url(&self) -> Result<BrokerUrl, ConfigError> {
+        parse_broker_url(&self.mqtt.url).map_err(|why| ConfigError::key("mqtt.url", why))
+    }
+}
+
+fn parse_broker_url(url: &str) -> Result<BrokerUrl, String> {
+    let rest = match url.split_once("://") {
+        Some(("mqtt" | "tcp", rest)) => rest,
+        Some((scheme, _)) => {
+            return Err(format!(
+                "{url:?}: scheme {scheme:?} is not supported (expected mqtt://HOST:PORT)"
+            ));
+        }
+        None => return Err(format!("{url:?} is not a URL (expected mqtt://HOST:PORT)")),
+    };
+    let rest = rest.trim_end_matches('/');
+    let (credentials, address) = match rest.rsplit_once('@') {
+        Some((userinfo, address)) => {
+            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            (Some((user.to_string(), password.to_string())), address)
+        }
+        None => (None, rest),
+    };
+    let (host, port) = match address.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => {
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| format!("{url:?}: {port:?} is not a port number"))?;
+            (host, port)
+        }
+        _ => (address, 1883),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains('/') || host.contains('?') {
+        return Err(format!(
+            "{url:?} has no valid host (expected mqtt://HOST:PORT)"
+        ));
+    }
+    Ok(BrokerUrl {
+        host: host.to_string(),
+        port,
+        credentials,
+    })
+}
+
+/// Every key the settings have, as `section.key`.
+fn known_keys() -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    if let Ok(serde_json::Value::Object(sections)) = serde_json::to_value(Settings::default()) {
+        for (section, fields) in sections {
+            if let serde_json::Value::Object(fields) = fields {
+                keys.extend(fields.keys().map(|field| format!("{section}.{field}")));
+            }
+        }
+    }
+    keys
+}
+
+fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}_{}", key.replace('.', "__")).to_uppercase()
+}
+
+/// Refuses `FLEETWATCH_*` variables that name no setting, suggesting the right name.
+fn check_env_names(vars: &[(String, String)]) -> Result<(), ConfigError> {
+    let known = known_keys();
+    for (name, _) in vars {
+        let matches = known.iter().any(|key| env_name(key) == name.to_uppercase());
+        if matches {
+            continue;
+        }
+        let squashed = |s: &str| s.to_uppercase().replace('_', "");
+        let suggestion = known
+            .iter()
+            .map(|key| env_name(key))
+            .find(|candidate| squashed(candidate) == squashed(name));
+        return Err(ConfigError(match suggestion {
+            Some(right) => format!("{name} is not a setting; did you mean {right}?"),
+            None => format!(
+                "{name} is not a setting (expected FLEETWATCH_SECTION__KEY, e.g. FLEETWATCH_HEARTBEAT__OFFLINE_AFTER)"
+            ),
+        }));
+    }
+    Ok(())
+}
+
+/// Turns a `config` error into one line that names the key and where it came from.
+fn describe(
+    error: config::ConfigError,
+    file: Option<&Path>,
+    vars: &[(String, String)],
+) -> ConfigError {
+    use config::ConfigError as E;
+    let line = match &error {
+        E::Type {
+            unexpected,
+            expected,
+            key,
+            ..
+        } => {
+            let key = key.as_deref().unwrap_or("?");
+            format!(
+                "{key}: expected {expected}, found {unexpected}{}",
+                origin(key, file, vars)
+            )
+        }
+        E::At { error, key, .. } => {
+            let key = key.as_deref().unwrap_or("?");
+            let mut problem = one_line(&error.to_string());
+            if problem.contains("expected a duration") {
+                problem.push_str(" such as \"90s\" or \"3m\"");
+            }
+            format!("{key}: {problem}{}", origin(key, file, vars))
+        }
+        E::FileParse { uri, cause } => {
+            let path = uri
+                .clone()
+                .or_else(|| file.map(|p| p.display().to_string()))
+                .unwrap_or_default();
+            format!("{path}: {}", one_line(&cause.to_string()))
+        }
+        other => one_line(&other.to_string()),
+    };
+    ConfigError(line)
+}
+
+/// Where `key`'s value came from: its environment variable if set, else the file.
+fn origin(key: &str, file: Option<&Path>, vars: &[(String, String)]) -> String {
+    let var = env_name(key);
+    if vars.iter().any(|(name, _)| name.eq_ignore_ascii_case(&var)) {
+        format!(" (from {var})")
+    } else if let Some(file) = file {
+        format!(" (in {})", file.display())
+    } else {
+        String::new()
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Settings::load_from(None, vars)
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let settings = load(&[]).expect("defaults load");
+        assert_eq!(settings, Settings::default());
+        assert_eq!(settings.mqtt.broker, BrokerMode::Embedded);
+        assert_eq!(settings.mqtt.listen.to_string(), "0.0.0.0:1883");
+        assert_eq!(settings.heartbeat.offline_after, Duration::from_secs(180));
+        assert_eq!(settings.http.listen.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn environment_overrides_take_effect() {
+        let settings = load(&[
+            ("FLEETWATCH_HEARTBEAT__OFFLINE_AFTER", "90s"),
+            ("FLEETWATCH_HEARTBEAT__CHECK_INTERVAL", "100ms"),
+            ("FLEETWATCH_HEARTBEAT__QUEUE_CAPACITY", "5"),
+            ("FLEETWATCH_MQTT__BROKER", "external"),
+            ("FLEETWATCH_MQTT__LISTEN", "127.0.0.1:1884"),
+            ("FLEETWATCH_MQTT__URL", "mqtt://user:pw@broker.local:1885"),
+            ("FLEETWATCH_DATABASE__URL", "sqlite:///tmp/x.db"),
+            ("FLEETWATCH_HTTP__API_KEY", "12345"),
+        ])
+        .expect("overrides load");
+        assert_eq!(settings.heartbeat.offline_after, Duration::from_secs(90));
+        assert_eq!(
+            settings.heartbeat.check_interval,
+            Duration::from_millis(100)
+        );
+        assert_eq!(settings.heartbeat.queue_capacity, 5);
+        assert_eq!(settings.mqtt.broker, BrokerMode::External);
+        assert_eq!(settings.mqtt.listen.to_string(), "127.0.0.1:1884");
+        assert_eq!(settings.database.url, "sqlite:///tmp/x.db");
+        assert_eq!(
+            settings.http.api_key.as_ref().map(Secret::expose),
+            Some("12345")
+        );
+        let url = settings.broker_url().expect("valid url");
+        assert_eq!((url.host.as_str(), url.port), ("broker.local", 1885));
+        assert_eq!(url.credentials, Some(("user".into(), "pw".into())));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            (
+                "FLEETWATCH_HEARTBEAT__OFFLINE_AFTER",
+                "banana",
+                "heartbeat.offline_after",
+            ),
+            (
+                "FLEETWATCH_HEARTBEAT__OFFLINE_AFTER",
+                "0s",
+                "heartbeat.offline_after",
+            ),
+            ("FLEETWATCH_MQTT__BROKER", "carrier_pigeon", "mqtt.broker"),
+            ("FLEETWATCH_MQTT__LISTEN", "notanaddr", "mqtt.listen"),
+            (
+                "FLEETWATCH_HEARTBEAT__QUEUE_CAPACITY",
+                "-3",
+                "heartbeat.queue_capacity",
+            ),
+            ("FLEETWATCH_DATABASE__URL", "mysql://x", "database.url"),
+            (
+                "FLEETWATCH_HEARTBEAT_OFFLINE_AFTER",
+                "90s",
+                "FLEETWATCH_HEARTBEAT__OFFLINE_AFTER",
+            ),
+            ("FLEETWATCH_NOPE", "1", "FLEETWATCH_NOPE"),
+        ];
+        for (var, value, named) in cases {
+            let error = load(&[(var, value)]).expect_err(var).to_string();
+            assert!(error.contains(named), "{var}={value}: {error}");
+            assert!(
+                !error.contains('\n'),
+                "{var}={value}: not one line: {error}"
+            );
+        }
+        let external = [
+            ("FLEETWATCH_MQTT__BROKER", "external"),
+            ("FLEETWATCH_MQTT__URL", "http://x"),
+        ];
+        let error = load(&external).expect_err("bad url").to_string();
+        assert!(error.contains("mqtt.url"), "{error}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let secret = Secret::new("hunter2");
+        assert!(!format!("{secret:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,256 @@
+//! Coalescing between flushes: many heartbeats from one device become one row write,
+//! without hiding a status change. A device that says error and then ok within one
+//! flush still produces both transitions, in order.
+
+use std::collections::HashMap;
+
+use super::{Heartbeat, Report};
+use crate::clock::Timestamp;
+use crate::device::DeviceId;
+use crate::status::Signal;
+
+/// Everything heard from one device since the last flush.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceUpdate {
+    pub device: DeviceId,
+    /// Status signals in arrival order; a run of identical signals is one step.
+    pub steps: Vec<Step>,
+    /// Receipt time of the latest heartbeat (`None` if only a Will arrived).
+    pub last_seen: Option<Timestamp>,
+    /// The device's clock in its latest heartbeat that carried one.
+    pub device_time: Option<Timestamp>,
+    /// Error text to store: `Some(None)` clears it (the latest heartbeat was ok),
+    /// `None` keeps what is stored.
+    pub error: Option<Option<String>>,
+    /// Reported fields merged across the heartbeats, newest wins.
+    pub report: Report,
+}
+
+/// One run of identical signals.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Step {
+    pub signal: Signal,
+    /// When the first signal of the run arrived: the moment a transition happened.
+    pub at: Timestamp,
+    /// The latest heartbeat heard up to the end of this step in this batch, if any.
+    pub last_heartbeat: Option<Timestamp>,
+}
+
+impl DeviceUpdate {
+    fn new(device: DeviceId) -> Self {
+        Self {
+            device,
+            steps: Vec::with_capacity(1),
+            last_seen: None,
+            device_time: None,
+            error: None,
+            report: Report::default(),
+        }
+    }
+
+    fn push(&mut self, signal: Signal, at: Timestamp) {
+        let last_heartbeat = match signal {
+            Signal::Heartbeat { .. } => Some(at),
+            _ => self.last_seen,
+        };
+        match self.steps.last_mut() {
+            Some(step) if step.signal == signal => step.last_heartbeat = last_heartbeat,
+            _ => self.steps.push(Step {
+                signal,
+                at,
+                last_heartbeat,
+            }),
+        }
+    }
+
+    fn add_heartbeat(&mut self, at: Timestamp, heartbeat: Heartbeat) {
+        let Heartbeat {
+            healthy,
+            error,
+            device_time,
+            report,
+        } = heartbeat;
+        self.push(Signal::Heartbeat { healthy }, at);
+        self.last_seen = Some(at);
+        if device_time.is_some() {
+            self.device_time = device_time;
+        }
+        self.error = Some(if healthy { None } else { error });
+        self.report.merge(report);
+    }
+}
+
+/// Pending updates keyed by device.
+#[derive(Debug, Default)]
+pub struct Batch {
+    updates: HashMap<DeviceId, DeviceUpdate>,
+    /// Messages folded in since the last `take`.
+    messages: usize,
+}
+
+impl Batch {
+    pub fn add_heartbeat(&mut self, device: DeviceId, at: Timestamp, heartbeat: Heartbeat) {
+        self.entry(device).add_heartbeat(at, heartbeat);
+        self.messages += 1;
+    }
+
+    pub fn add_connection_lost(&mut self, device: DeviceId, at: Timestamp) {
+        self.entry(device).push(Signal::ConnectionLost, at);
+        self.messages += 1;
+    }
+
+    fn entry(&mut self, device: DeviceId) -> &mut DeviceUpdate {
+        self.updates
+            .entry(device)
+            .or_insert_with_key(|device| DeviceUpdate::new(device.clone()))
+    }
+
+    /// Distinct devices pending.
+    pub fn len(&self) -> usize {
+        self.updates.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.updates.is_empty()
+    }
+
+    /// Messages folded in since the last `take`.
+    pub fn messages(&self) -> usize {
+        self.messages
+    }
+
+    /// Empties the batch.
+    pub fn take(&mut self) -> Vec<DeviceUpdate> {
+        self.messages = 0;
+        self.updates.drain().map(|(_, update)| update).collect()
+    }
+
+    /// Puts back updates whose flush failed, under anything that arrived since, so no
+    /// heartbeat is lost to a database error.
+    pub fn restore(&mut self, failed: Vec<DeviceUpdate>) {
+        for old in failed {
+            match self.updates.remove(&old.device) {
+                None => {
+                    self.updates.insert(old.device.clone(), old);
+                }
+                Some(newer) => {
+                    let merged = merge(old, newer);
+                    self.updates.insert(merged.device.clone(), merged);
+                }
+            }
+        }
+    }
+}
+
+/// `older` followed by `newer`, as if they had arrived in one batch.
+fn merge(mut older: DeviceUpdate, newer: DeviceUpdate) -> DeviceUpdate {
+    for step in newer.steps {
+        match older.steps.last_mut() {
+            Some(last) if last.signal == step.signal => {
+                last.last_heartbeat = step.last_heartbeat.or(last.last_heartbeat);
+            }
+            _ => {
+                let last_heartbeat = step.last_heartbeat.or(older.last_seen);
+                older.steps.push(Step {
+                    last_heartbeat,
+                    ..step
+                });
+            }
+        }
+    }
+    older.last_seen = newer.last_seen.or(older.last_seen);
+    older.device_time = newer.device_time.or(older.device_time);
+    older.error = newer.error.or(older.error);
+    older.report.merge(newer.report);
+    older
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::parse(s).expect("valid id")
+    }
+
+    fn at(ms: i64) -> Timestamp {
+        Timestamp::from_unix_millis(ms)
+    }
+
+    fn beat(healthy: bool) -> Heartbeat {
+        Heartbeat {
+            healthy,
+            error: (!healthy).then(|| "boom".to_string()),
+            ..Heartbeat::default()
+        }
+    }
+
+    const OK: Signal = Signal::Heartbeat { healthy: true };
+    const BAD: Signal = Signal::Heartbeat { healthy: false };
+
+    #[test]
+    fn repeated_heartbeats_coalesce_into_one_row_and_one_step() {
+        let mut batch = Batch::default();
+        for ms in [10, 20, 30] {
+            batch.add_heartbeat(id("a"), at(ms), beat(true));
+        }
+        batch.add_heartbeat(id("b"), at(15), beat(true));
+        assert_eq!((batch.len(), batch.messages()), (2, 4));
+        let mut updates = batch.take();
+        updates.sort_by(|x, y| x.device.cmp(&y.device));
+        let a = &updates[0];
+        assert_eq!(a.last_seen, Some(at(30)));
+        assert_eq!(
+            a.steps,
+            vec![Step {
+                signal: OK,
+                at: at(10),
+                last_heartbeat: Some(at(30))
+            }]
+        );
+        assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn status_changes_inside_one_batch_are_kept_in_order() {
+        let mut batch = Batch::default();
+        batch.add_heartbeat(id("a"), at(10), beat(true));
+        batch.add_heartbeat(id("a"), at(20), beat(false));
+        batch.add_connection_lost(id("a"), at(25));
+        batch.add_heartbeat(id("a"), at(30), beat(true));
+        let update = batch.take().remove(0);
+        let signals: Vec<_> = update
+            .steps
+            .iter()
+            .map(|s| (s.signal, s.at, s.last_heartbeat))
+            .collect();
+        assert_eq!(
+            signals,
+            vec![
+                (OK, at(10), Some(at(10))),
+                (BAD, at(20), Some(at(20))),
+                (Signal::ConnectionLost, at(25), Some(at(20))),
+                (OK, at(30), Some(at(30))),
+            ]
+        );
+        assert_eq!(
+            update.error,
+            Some(None),
+            "latest heartbeat was ok: clear the error"
+        );
+    }
+
+    #[test]
+    fn restore_puts_failed_updates_before_newer_ones() {
+        let mut batch = Batch::default();
+        batch.add_heartbeat(id("a"), at(10), beat(false));
+        let failed = batch.take();
+        batch.add_heartbeat(id("a"), at(20), beat(true));
+        batch.restore(failed);
+        let update = batch.take().remove(0);
+        let signals: Vec<_> = update.steps.iter().map(|s| (s.signal, s.at)).collect();
+        assert_eq!(signals, vec![(BAD, at(10)), (OK, at(20))]);
+        assert_eq!(update.last_seen, Some(at(20)));
+        assert_eq!(update.error, Some(None));
+    }
+}

@@ -1,0 +1,37 @@
+//! From a received message to a committed status change.
+//!
+//! [`payload`] turns bytes into a [`Heartbeat`] or a [`RejectReason`]; [`Inbound`] is
+//! what the MQTT subscriber (and later the HTTP endpoint) hands to the
+//! [`HeartbeatHandler`] over a bounded queue; [`batch`] coalesces what arrives between
+//! flushes so one database row is written per device per flush.
+
+pub mod batch;
+pub mod handler;
+pub mod payload;
+mod reject;
+
+use tokio::sync::oneshot;
+
+use crate::clock::Timestamp;
+use crate::device::DeviceId;
+pub use handler::{FlushError, FlushHandle, HeartbeatHandler};
+pub use payload::{Heartbeat, PayloadError, Report};
+pub use reject::{RejectLog, RejectReason};
+
+/// A message for the heartbeat handler, in the order it was received.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A valid heartbeat, stamped with the hub's clock at receipt. Boxed: the queue
+    /// holds thousands of messages, most of them much smaller than a full report.
+    Heartbeat {
+        device: DeviceId,
+        at: Timestamp,
+        heartbeat: Box<Heartbeat>,
+    },
+    /// The broker published the device's Last Will.
+    ConnectionLost { device: DeviceId, at: Timestamp },
+    /// Commit everything queued before this message, then answer.
+    Flush {
+        reply: oneshot::Sender<Result<(), FlushError>>,
+    },
+}

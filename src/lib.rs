@@ -1,0 +1,34 @@
+//! fleetwatch: a hub that watches fleets of IoT devices over MQTT.
+//!
+//! Devices publish heartbeats on `devices/{id}/heartbeat`; the hub keeps each device's
+//! `last_seen_at` and status, notices silence once `offline_after` has passed, and
+//! announces each transition exactly once, retained, on `devices/{id}/status`.
+//!
+//! A message travels one way through these modules:
+//!
+//! - [`mqtt::broker`]: the embedded broker (rumqttd), unless an external one is used.
+//! - [`mqtt::subscriber`]: subscribes, validates topic ([`device`]) and payload
+//!   ([`heartbeat::payload`]), and queues what is valid.
+//! - [`heartbeat::handler`]: batches and coalesces ([`heartbeat::batch`]) and commits
+//!   through the [`storage`] trait; the [`status`] machine decides every transition.
+//! - [`checker`]: takes silent devices offline with one conditional update per pass.
+//! - [`alerts`]: committed transitions are logged, counted and wake the sinks.
+//! - [`mqtt::publisher`]: publishes the outbox ([`event`]) and marks what the broker
+//!   acknowledged.
+//!
+//! [`app`] wires them together with an ordered shutdown; [`config`] and [`cli`] are
+//! the edges; [`clock`] is the one source of time; [`metrics`] counts.
+
+pub mod alerts;
+pub mod app;
+pub mod checker;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod device;
+pub mod event;
+pub mod heartbeat;
+pub mod metrics;
+pub mod mqtt;
+pub mod status;
+pub mod storage;

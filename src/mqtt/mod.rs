@@ -1,0 +1,92 @@
+//! Everything that speaks MQTT: the embedded broker, the subscriber that takes
+//! heartbeats in, and the publisher that puts status events out.
+//!
+//! The hub reaches the embedded broker over TCP with the same client as an external
+//! broker, so after the connection is made the two modes run the same code.
+
+pub mod broker;
+pub mod publisher;
+pub mod subscriber;
+pub mod topic;
+
+use std::time::Duration;
+
+use rumqttc::MqttOptions;
+
+/// Where the hub's MQTT clients connect, and as whom.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub credentials: Option<(String, String)>,
+    /// Prefix of the hub's client ids; each connection appends its role.
+    pub client_id: String,
+    /// Largest heartbeat payload the hub accepts; bigger ones are counted and dropped.
+    pub max_payload: usize,
+}
+
+/// How long the hub's connections may stay idle before a ping.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+
+impl Endpoint {
+    /// Client options for one of the hub's connections (`role`: "ingest", "events").
+    ///
+    /// Incoming packets may be twice the payload limit plus headroom for the topic, so
+    /// a device sending an oversized heartbeat is counted and dropped by the hub
+    /// instead of breaking the hub's own connection.
+    pub fn options(&self, role: &str) -> MqttOptions {
+        let mut options = MqttOptions::new(
+            format!("{}-{role}", self.client_id),
+            self.host.clone(),
+            self.port,
+        );
+        options
+            .set_keep_alive(KEEP_ALIVE)
+            .set_clean_session(true)
+            .set_max_packet_size(incoming_packet_limit(self.max_payload), 256 * 1024);
+        if let Some((user, password)) = &self.credentials {
+            options.set_credentials(user.clone(), password.clone());
+        }
+        options
+    }
+}
+
+/// The largest packet (MQTT remaining length: topic plus payload) a broker should
+/// accept from a device. A payload between the hub's limit and this reaches the hub
+/// and is counted as too large; anything bigger the broker refuses itself (rumqttd
+/// `max_payload_size`, Mosquitto `max_packet_size` in mosquitto/mosquitto.conf).
+pub fn broker_packet_limit(max_payload: usize) -> usize {
+    max_payload.saturating_mul(2).saturating_add(1024)
+}
+
+/// The hub clients' incoming packet limit: above anything the broker lets through, so
+/// no device can break the hub's own connection with a big message.
+fn incoming_packet_limit(max_payload: usize) -> usize {
+    broker_packet_limit(max_payload).saturating_add(4 * 1024)
+}
+
+/// Exponential reconnect delay: rumqttc reconnects on the next poll with no pause of
+/// its own, so callers sleep `next()` after every error.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    pub(crate) fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    pub(crate) fn next(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        delay
+    }
+}

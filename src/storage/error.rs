@@ -1,0 +1,17 @@
+use crate::device::DeviceId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("device {0} not found")]
+    NotFound(DeviceId),
+    #[error("device {0} already exists")]
+    AlreadyExists(DeviceId),
+    #[error("unsupported database url {0:?} (expected sqlite://PATH)")]
+    UnsupportedUrl(String),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}

@@ -1,0 +1,861 @@
+//! The SQLite store: one file, WAL, `synchronous=NORMAL`.
+//!
+//! Every write runs in a `BEGIN IMMEDIATE` transaction, so writers queue on SQLite's
+//! lock (with a busy timeout) instead of failing when a read has to become a write.
+//! Batches travel as one JSON array bound to one parameter and unpacked by
+//! `json_each`: one statement per batch whatever its size, and a `&'static str` query.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+use uuid::Uuid;
+
+use super::{Device, Store, StoreError};
+use crate::clock::Timestamp;
+use crate::device::DeviceId;
+use crate::event::{StatusEvent, StoredEvent};
+use crate::heartbeat::Report;
+use crate::heartbeat::batch::DeviceUpdate;
+use crate::status::{self, Signal, Status};
+
+/// How long a writer waits for another to finish before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database `url` names, `sqlite://PATH` or
+    /// `sqlite:PATH`, and runs the migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|_| StoreError::UnsupportedUrl(url.to_string()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    async fn write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+/// A device's state as the status machine needs it.
+struct Current {
+    status: Status,
+    last_seen: Option<i64>,
+    status_changed_at: i64,
+    error: Option<String>,
+}
+
+/// One row of the batched upsert, as JSON for `json_each`.
+#[derive(Serialize)]
+struct DeviceRow<'a> {
+    id: &'a str,
+    status: &'static str,
+    seen: Option<i64>,
+    changed: i64,
+    device_time: Option<i64>,
+    error: Option<&'a str>,
+    uptime: Option<i64>,
+    memory: Option<i64>,
+    firmware: Option<&'a str>,
+    hostname: Option<&'a str>,
+    os_info: Option<&'a crate::heartbeat::payload::OsInfo>,
+    metrics: Option<&'a std::collections::BTreeMap<String, f64>>,
+}
+
+/// One row of the batched event insert.
+#[derive(Serialize)]
+struct EventRow<'a> {
+    id: String,
+    device: &'a str,
+    status: &'static str,
+    previous: Option<&'static str>,
+    reason: &'static str,
+    seen: Option<i64>,
+    changed: i64,
+}
+
+impl<'a> From<&'a StatusEvent> for EventRow<'a> {
+    fn from(event: &'a StatusEvent) -> Self {
+        Self {
+            id: event.event_id.to_string(),
+            device: event.device_id.as_str(),
+            status: event.status.as_str(),
+            previous: event.previous_status.map(Status::as_str),
+            reason: event.reason.as_str(),
+            seen: event.last_seen_at.map(Timestamp::unix_millis),
+            changed: event.changed_at.unix_millis(),
+        }
+    }
+}
+
+const SELECT_CURRENT: &str = "SELECT device_id, status, last_seen_at, status_changed_at, error \
+     FROM devices WHERE device_id IN (SELECT value FROM json_each(?1))";
+
+const UPSERT_DEVICES: &str = "INSERT INTO devices (device_id, status, last_seen_at, first_seen_at, \
+         status_changed_at, registered_at, device_time, error, uptime_seconds, free_memory, \
+         firmware_version, hostname, os_info, metrics) \
+     SELECT r.value ->> 'id', r.value ->> 'status', r.value ->> 'seen', r.value ->> 'seen', \
+         r.value ->> 'changed', r.value ->> 'changed', r.value ->> 'device_time', \
+         r.value ->> 'error', r.value ->> 'uptime', r.value ->> 'memory', \
+         r.value ->> 'firmware', r.value ->> 'hostname', r.value ->> 'os_info', \
+         r.value ->> 'metrics' \
+     FROM json_each(?1) AS r WHERE true \
+     ON CONFLICT (device_id) DO UPDATE SET \
+         status = excluded.status, \
+         last_seen_at = coalesce(excluded.last_seen_at, devices.last_seen_at), \
+         first_seen_at = coalesce(devices.first_seen_at, excluded.first_seen_at), \
+         status_changed_at = excluded.status_changed_at, \
+         device_time = coalesce(excluded.device_time, devices.device_time), \
+         error = excluded.error, \
+         uptime_seconds = coalesce(excluded.uptime_seconds, devices.uptime_seconds), \
+         free_memory = coalesce(excluded.free_memory, devices.free_memory), \
+         firmware_version = coalesce(excluded.firmware_version, devices.firmware_version), \
+         hostname = coalesce(excluded.hostname, devices.hostname), \
+         os_info = coalesce(excluded.os_info, devices.os_info), \
+         metrics = coalesce(excluded.metrics, devices.metrics)";
+
+const INSERT_EVENTS: &str = "INSERT INTO status_events (event_id, device_id, status, \
+         previous_status, reason, last_seen_at, changed_at) \
+     SELECT e.value ->> 'id', e.value ->> 'device', e.value ->> 'status', \
+         e.value ->> 'previous', e.value ->> 'reason', e.value ->> 'seen', e.value ->> 'changed' \
+     FROM json_each(?1) AS e";
+
+/// Column lists as literals, so `concat!` can build `&'static str` queries from them.
+macro_rules! event_columns {
+    () => {
+        "seq, event_id, device_id, status, previous_status, reason, last_seen_at, changed_at"
+    };
+}
+
+macro_rules! device_columns {
+    () => {
+        "device_id, status, last_seen_at, first_seen_at, status_changed_at, registered_at, \
+         device_time, error, uptime_seconds, free_memory, firmware_version, hostname, os_info, \
+         metrics"
+    };
+}
+
+async fn insert_events(
+    tx: &mut Transaction<'static, Sqlite>,
+    events: &[StatusEvent],
+) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<EventRow<'_>> = events.iter().map(EventRow::from).collect();
+    sqlx::query(INSERT_EVENTS)
+        .bind(to_json(&rows)?)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// SQLite integers are signed; a reported counter past `i64::MAX` is clamped.
+fn clamp(value: Option<u64>) -> Option<i64> {
+    value.map(|v| i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn apply(&self, updates: &[DeviceUpdate]) -> Result<Vec<StatusEvent>, StoreError> {
+        if updates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.write().await?;
+        let ids: Vec<&str> = updates.iter().map(|u| u.device.as_str()).collect();
+        let mut current: HashMap<String, Current> = HashMap::with_capacity(updates.len());
+        for row in sqlx::query(SELECT_CURRENT)
+            .bind(to_json(&ids)?)
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            let id: String = row.try_get("device_id")?;
+            current.insert(
+                id,
+                Current {
+                    status: parse_status(&row, "status")?,
+                    last_seen: row.try_get("last_seen_at")?,
+                    status_changed_at: row.try_get("status_changed_at")?,
+                    error: row.try_get("error")?,
+                },
+            );
+        }
+
+        let mut events = Vec::new();
+        let mut rows = Vec::with_capacity(updates.len());
+        for update in updates {
+            let stored = current.get(update.device.as_str());
+            let mut status = stored.map(|c| c.status);
+            let mut changed = stored.map(|c| c.status_changed_at);
+            for step in &update.steps {
+                let Some(transition) = status::transition(status, step.signal) else {
+                    continue;
+                };
+                let last_seen = match step.signal {
+                    Signal::Heartbeat { .. } => Some(step.at),
+                    _ => step.last_heartbeat.or_else(|| {
+                        stored
+                            .and_then(|c| c.last_seen)
+                            .map(Timestamp::from_unix_millis)
+                    }),
+                };
+                events.push(StatusEvent::new(
+                    update.device.clone(),
+                    transition,
+                    last_seen,
+                    step.at,
+                ));
+                status = Some(transition.to);
+                changed = Some(step.at.unix_millis());
+            }
+            // A Will from a device we have never heard of creates nothing.
+            let (Some(status), Some(changed)) = (status, changed) else {
+                continue;
+            };
+            let error = match &update.error {
+                Some(set) => set.as_deref(),
+                None => stored.and_then(|c| c.error.as_deref()),
+            };
+            let Report {
+                uptime_seconds,
+                free_memory,
+                firmware_version,
+                hostname,
+                os_info,
+                metrics,
+            } = &update.report;
+            rows.push(DeviceRow {
+                id: update.device.as_str(),
+                status: status.as_str(),
+                seen: update.last_seen.map(Timestamp::unix_millis),
+                changed,
+                device_time: update.device_time.map(Timestamp::unix_millis),
+                error,
+                uptime: clamp(*uptime_seconds),
+                memory: clamp(*free_memory),
+                firmware: firmware_version.as_deref(),
+                hostname: hostname.as_deref(),
+                os_info: os_info.as_ref(),
+                metrics: metrics.as_ref(),
+            });
+        }
+        if !rows.is_empty() {
+            sqlx::query(UPSERT_DEVICES)
+                .bind(to_json(&rows)?)
+                .execute(&mut *tx)
+                .await?;
+        }
+        insert_events(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(events)
+    }
+
+    async fn mark_offline(
+        &self,
+        cutoff: Timestamp,
+        now: Timestamp,
+    ) -> Result<Vec<StatusEvent>, StoreError> {
+        let mut tx = self.write().await?;
+        let mut events = Vec::new();
+        // One statement per watched status, so each knows the status it replaces.
+        for from in [Status::Online, Status::Error] {
+            let Some(transition) = status::transition(Some(from), Signal::Timeout) else {
+                continue;
+            };
+            let rows = sqlx::query(
+                "UPDATE devices SET status = ?1, status_changed_at = ?2 \
+                 WHERE status = ?3 AND last_seen_at < ?4 \
+                 RETURNING device_id, last_seen_at",
+            )
+            .bind(transition.to.as_str())
+            .bind(now.unix_millis())
+            .bind(from.as_str())
+            .bind(cutoff.unix_millis())
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in rows {
+                let device = parse_device_id(&row, "device_id")?;
+                let last_seen: Option<i64> = row.try_get("last_seen_at")?;
+                events.push(StatusEvent::new(
+                    device,
+                    transition,
+                    last_seen.map(Timestamp::from_unix_millis),
+                    now,
+                ));
+            }
+        }
+        insert_events(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(events)
+    }
+
+    async fn register(&self, id: &DeviceId, now: Timestamp) -> Result<StatusEvent, StoreError> {
+        let transition = status::transition(None, Signal::Register)
+            .ok_or_else(|| StoreError::Corrupt("registration has no transition".into()))?;
+        let mut tx = self.write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO devices (device_id, status, status_changed_at, registered_at) \
+             VALUES (?1, ?2, ?3, ?3) ON CONFLICT (device_id) DO NOTHING",
+        )
+        .bind(id.as_str())
+        .bind(transition.to.as_str())
+        .bind(now.unix_millis())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(StoreError::AlreadyExists(id.clone()));
+        }
+        let event = StatusEvent::new(id.clone(), transition, None, now);
+        insert_events(&mut tx, std::slice::from_ref(&event)).await?;
+        tx.commit().await?;
+        Ok(event)
+    }
+
+    async fn unpublished_events(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM status_events WHERE published_at IS NULL AND seq > ?1 ORDER BY seq LIMIT ?2"
+        ))
+        .bind(after_seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(stored_event)
+        .collect()
+    }
+
+    async fn mark_published(&self, seqs: &[i64], at: Timestamp) -> Result<(), StoreError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE status_events SET published_at = ?1 \
+             WHERE seq IN (SELECT value FROM json_each(?2)) AND published_at IS NULL",
+        )
+        .bind(at.unix_millis())
+        .bind(to_json(&seqs)?)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn current_events(
+        &self,
+        after: Option<&DeviceId>,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        sqlx::query(
+            "SELECT e.seq, e.event_id, e.device_id, e.status, e.previous_status, e.reason, \
+                 e.last_seen_at, e.changed_at \
+             FROM devices AS d JOIN status_events AS e ON e.seq = \
+                 (SELECT max(seq) FROM status_events WHERE device_id = d.device_id) \
+             WHERE d.device_id > ?1 AND e.published_at IS NOT NULL \
+             ORDER BY d.device_id LIMIT ?2",
+        )
+        .bind(after.map_or("", DeviceId::as_str))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(stored_event)
+        .collect()
+    }
+
+    async fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            device_columns!(),
+            " FROM devices WHERE device_id = ?1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(device)
+        .transpose()
+    }
+
+    async fn devices(&self, status: Option<Status>) -> Result<Vec<Device>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            device_columns!(),
+            " FROM devices WHERE ?1 IS NULL OR status = ?1 ORDER BY device_id"
+        ))
+        .bind(status.map(Status::as_str))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(device)
+        .collect()
+    }
+
+    async fn events(&self, id: &DeviceId, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM status_events WHERE device_id = ?1 ORDER BY seq DESC LIMIT ?2"
+        ))
+        .bind(id.as_str())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(stored_event)
+        .collect()
+    }
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn parse_status(row: &SqliteRow, column: &str) -> Result<Status, StoreError> {
+    let text: String = row.try_get(column)?;
+    text.parse().map_err(corrupt)
+}
+
+fn parse_device_id(row: &SqliteRow, column: &str) -> Result<DeviceId, StoreError> {
+    let text: String = row.try_get(column)?;
+    DeviceId::parse(&text).map_err(|e| corrupt(format!("device id {text:?}: {e}")))
+}
+
+fn timestamp(row: &SqliteRow, column: &str) -> Result<Option<Timestamp>, StoreError> {
+    Ok(row
+        .try_get::<Option<i64>, _>(column)?
+        .map(Timestamp::from_unix_millis))
+}
+
+fn required_timestamp(row: &SqliteRow, column: &str) -> Result<Timestamp, StoreError> {
+    timestamp(row, column)?.ok_or_else(|| corrupt(format!("{column} is NULL")))
+}
+
+fn json_column<T: serde::de::DeserializeOwned>(
+    row: &SqliteRow,
+    column: &str,
+) -> Result<Option<T>, StoreError> {
+    row.try_get::<Option<String>, _>(column)?
+        .map(|text| serde_json::from_str(&text).map_err(|e| corrupt(format!("{column}: {e}"))))
+        .transpose()
+}
+
+fn stored_event(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
+    let event_id: String = row.try_get("event_id")?;
+    let previous: Option<String> = row.try_get("previous_status")?;
+    let reason: String = row.try_get("reason")?;
+    Ok(StoredEvent {
+        seq: row.try_get("seq")?,
+        event: StatusEvent {
+            event_id: Uuid::parse_str(&event_id).map_err(corrupt)?,
+            device_id: parse_device_id(row, "device_id")?,
+            status: parse_status(row, "status")?,
+            previous_status: previous.map(|p| p.parse()).transpose().map_err(corrupt)?,
+            reason: reason.parse().map_err(corrupt)?,
+            last_seen_at: timestamp(row, "last_seen_at")?,
+            changed_at: required_timestamp(row, "changed_at")?,
+        },
+    })
+}
+
+fn device(row: &SqliteRow) -> Result<Device, StoreError> {
+    let unsigned = |column: &str| -> Result<Option<u64>, StoreError> {
+        Ok(row
+            .try_get::<Option<i64>, _>(column)?
+            .map(|v| u64::try_from(v).unwrap_or(0)))
+    };
+    Ok(Device {
+        device_id: parse_device_id(row, "device_id")?,
+        status: parse_status(row, "status")?,
+        last_seen_at: timestamp(row, "last_seen_at")?,
+        first_seen_at: timestamp(row, "first_seen_at")?,
+        status_changed_at: required_timestamp(row, "status_changed_at")?,
+        registered_at: required_timestamp(row, "registered_at")?,
+        device_time: timestamp(row, "device_time")?,
+        error: row.try_get("error")?,
+        report: Report {
+            uptime_seconds: unsigned("uptime_seconds")?,
+            free_memory: unsigned("free_memory")?,
+            firmware_version: row.try_get("firmware_version")?,
+            hostname: row.try_get("hostname")?,
+            os_info: json_column(row, "os_info")?,
+            metrics: json_column(row, "metrics")?,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::heartbeat::Heartbeat;
+    use crate::heartbeat::batch::Batch;
+    use crate::status::Reason;
+
+    async fn store() -> (SqliteStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        (SqliteStore::connect(&url).await.expect("open store"), dir)
+    }
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::parse(s).expect("valid id")
+    }
+
+    fn at(ms: i64) -> Timestamp {
+        Timestamp::from_unix_millis(ms)
+    }
+
+    fn beat(healthy: bool, hostname: Option<&str>) -> Heartbeat {
+        Heartbeat {
+            healthy,
+            error: (!healthy).then(|| "disk full".to_string()),
+            report: Report {
+                hostname: hostname.map(str::to_string),
+                ..Report::default()
+            },
+            ..Heartbeat::default()
+        }
+    }
+
+    async fn apply(store: &SqliteStore, fill: impl FnOnce(&mut Batch)) -> Vec<StatusEvent> {
+        let mut batch = Batch::default();
+        fill(&mut batch);
+        store.apply(&batch.take()).await.expect("apply")
+    }
+
+    fn summary(events: &[StatusEvent]) -> Vec<(String, Option<Status>, Status, Reason)> {
+        let mut rows: Vec<_> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.device_id.to_string(),
+                    e.previous_status,
+                    e.status,
+                    e.reason,
+                )
+            })
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows
+    }
+
+    #[tokio::test]
+    async fn first_heartbeat_registers_and_later_ones_only_move_last_seen() {
+        let (store, _dir) = store().await;
+        let events = apply(&store, |b| {
+            b.add_heartbeat(id("a"), at(1_000), beat(true, Some("host-a")))
+        })
+        .await;
+        assert_eq!(
+            summary(&events),
+            vec![("a".into(), None, Status::Online, Reason::Registered)]
+        );
+        assert_eq!(events[0].last_seen_at, Some(at(1_000)));
+
+        let events = apply(&store, |b| {
+            b.add_heartbeat(id("a"), at(2_000), beat(true, None))
+        })
+        .await;
+        assert!(events.is_empty());
+        let device = store.device(&id("a")).await.expect("read").expect("exists");
+        assert_eq!(device.status, Status::Online);
+        assert_eq!(device.last_seen_at, Some(at(2_000)));
+        assert_eq!(device.first_seen_at, Some(at(1_000)));
+        assert_eq!(device.status_changed_at, at(1_000));
+        assert_eq!(
+            device.report.hostname.as_deref(),
+            Some("host-a"),
+            "absent fields keep their value"
+        );
+    }
+
+    #[tokio::test]
+    async fn error_and_recovery_in_one_batch_are_two_transitions() {
+        let (store, _dir) = store().await;
+        apply(&store, |b| {
+            b.add_heartbeat(id("a"), at(1_000), beat(true, None))
+        })
+        .await;
+        let events = apply(&store, |b| {
+            b.add_heartbeat(id("a"), at(2_000), beat(false, None));
+            b.add_heartbeat(id("a"), at(2_100), beat(true, None));
+        })
+        .await;
+        let steps: Vec<_> = events
+            .iter()
+            .map(|e| (e.status, e.reason, e.changed_at))
+            .collect();
+        assert_eq!(
+            steps,
+            vec![
+                (Status::Error, Reason::DeviceError, at(2_000)),
+                (Status::Online, Reason::Heartbeat, at(2_100)),
+            ]
+        );
+        let device = store.device(&id("a")).await.expect("read").expect("exists");
+        assert_eq!((device.status, device.error), (Status::Online, None));
+    }
+
+    #[tokio::test]
+    async fn error_text_is_kept_while_in_error() {
+        let (store, _dir) = store().await;
+        apply(&store, |b| {
+            b.add_heartbeat(id("a"), at(1_000), beat(false, None))
+        })
+        .await;
+        let device = store.device(&id("a")).await.expect("read").expect("exists");
+        assert_eq!(
+            (device.status, device.error.as_deref()),
+            (Status::Error, Some("disk full"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_will_from_an_unknown_device_creates_nothing() {
+        let (store, _dir) = store().await;
+        let events = apply(&store, |b| b.add_connection_lost(id("ghost"), at(1_000))).await;
+        assert!(events.is_empty());
+        assert_eq!(store.device(&id("ghost")).await.expect("read"), None);
+    }
+
+    #[tokio::test]
+    async fn a_will_takes_a_known_device_offline_with_its_last_heartbeat() {
+        let (store, _dir) = store().await;
+        apply(&store, |b| {
+            b.add_heartbeat(id("a"), at(1_000), beat(true, None))
+        })
+        .await;
+        let events = apply(&store, |b| b.add_connection_lost(id("a"), at(5_000))).await;
+        assert_eq!(
+            summary(&events),
+            vec![(
+                "a".into(),
+                Some(Status::Online),
+                Status::Offline,
+                Reason::ConnectionLost
+            )]
+        );
+        assert_eq!(
+            (events[0].last_seen_at, events[0].changed_at),
+            (Some(at(1_000)), at(5_000))
+        );
+    }
+
+    #[tokio::test]
+    async fn mark_offline_takes_only_overdue_watched_devices_once() {
+        let (store, _dir) = store().await;
+        apply(&store, |b| {
+            b.add_heartbeat(id("old"), at(1_000), beat(true, None));
+            b.add_heartbeat(id("old-error"), at(1_000), beat(false, None));
+            b.add_heartbeat(id("fresh"), at(9_000), beat(true, None));
+        })
+        .await;
+        store
+            .register(&id("provisioned"), at(0))
+            .await
+            .expect("register");
+
+        let events = store
+            .mark_offline(at(5_000), at(10_000))
+            .await
+            .expect("pass");
+        assert_eq!(
+            summary(&events),
+            vec![
+                (
+                    "old".into(),
+                    Some(Status::Online),
+                    Status::Offline,
+                    Reason::HeartbeatTimeout
+                ),
+                (
+                    "old-error".into(),
+                    Some(Status::Error),
+                    Status::Offline,
+                    Reason::HeartbeatTimeout
+                ),
+            ]
+        );
+        assert!(
+            events
+                .iter()
+                .all(|e| e.changed_at == at(10_000) && e.last_seen_at == Some(at(1_000)))
+        );
+        let again = store
+            .mark_offline(at(5_000), at(10_001))
+            .await
+            .expect("pass");
+        assert!(again.is_empty(), "a transition happens once");
+    }
+
+    #[tokio::test]
+    async fn racing_checkers_take_each_device_exactly_once() {
+        let (store, _dir) = store().await;
+        apply(&store, |b| {
+            for i in 0..200 {
+                b.add_heartbeat(id(&format!("d{i}")), at(1_000), beat(true, None));
+            }
+        })
+        .await;
+        let store = Arc::new(store);
+        let passes = (0..4).map(|n| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.mark_offline(at(5_000), at(10_000 + n)).await })
+        });
+        let mut taken = Vec::new();
+        for pass in passes {
+            taken.extend(pass.await.expect("join").expect("pass"));
+        }
+        let mut ids: Vec<_> = taken.iter().map(|e| e.device_id.to_string()).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!((taken.len(), ids.len()), (200, 200));
+    }
+
+    #[tokio::test]
+    async fn a_hundred_silent_devices_go_offline_in_one_pass() {
+        let (store, _dir) = store().await;
+        apply(&store, |b| {
+            for i in 0..100 {
+                b.add_heartbeat(id(&format!("d{i:03}")), at(1_000 + i), beat(true, None));
+            }
+        })
+        .await;
+        let events = store
+            .mark_offline(at(2_000), at(2_500))
+            .await
+            .expect("pass");
+        assert_eq!(events.len(), 100);
+    }
+
+    #[tokio::test]
+    async fn outbox_hands_out_unpublished_events_in_commit_order() {
+        let (store, _dir) = store().await;
+        apply(&store, |b| {
+            b.add_heartbeat(id("a"), at(1_000), beat(true, None))
+        })
+        .await;
+        apply(&store, |b| {
+            b.add_heartbeat(id("a"), at(2_000), beat(false, None))
+        })
+        .await;
+        store.register(&id("b"), at(3_000)).await.expect("register");
+
+        let pending = store.unpublished_events(0, 10).await.expect("read");
+        let order: Vec<_> = pending
+            .iter()
+            .map(|e| (e.event.device_id.to_string(), e.event.status))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                ("a".into(), Status::Online),
+                ("a".into(), Status::Error),
+                ("b".into(), Status::Provisioning)
+            ]
+        );
+        assert!(pending.windows(2).all(|w| w[0].seq < w[1].seq));
+
+        store
+            .mark_published(&[pending[0].seq], at(4_000))
+            .await
+            .expect("mark");
+        let left = store.unpublished_events(0, 10).await.expect("read");
+        assert_eq!(left, pending[1..].to_vec());
+        assert_eq!(
+            store
+                .unpublished_events(pending[1].seq, 10)
+                .await
+                .expect("read"),
+            pending[2..].to_vec()
+        );
+    }
+
+    #[tokio::test]
+    async fn current_events_are_each_devices_latest_published_one_a_page_at_a_time() {
+        let (store, _dir) = store().await;
+        apply(&store, |b| {
+            b.add_heartbeat(id("a"), at(1_000), beat(true, None));
+            b.add_heartbeat(id("b"), at(1_000), beat(true, None));
+        })
+        .await;
+        apply(&store, |b| {
+            b.add_heartbeat(id("a"), at(2_000), beat(false, None))
+        })
+        .await;
+        store.register(&id("c"), at(3_000)).await.expect("register");
+        let all: Vec<i64> = store
+            .unpublished_events(0, 10)
+            .await
+            .expect("read")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        store.mark_published(&all, at(4_000)).await.expect("mark");
+        apply(&store, |b| {
+            b.add_heartbeat(id("d"), at(5_000), beat(true, None))
+        })
+        .await;
+
+        let first = store.current_events(None, 2).await.expect("page");
+        let second = store
+            .current_events(Some(&first[1].event.device_id), 2)
+            .await
+            .expect("page");
+        let all: Vec<_> = first
+            .iter()
+            .chain(&second)
+            .map(|e| (e.event.device_id.to_string(), e.event.status))
+            .collect();
+        assert_eq!(
+            all,
+            vec![
+                ("a".into(), Status::Error),
+                ("b".into(), Status::Online),
+                ("c".into(), Status::Provisioning)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn registering_twice_is_refused() {
+        let (store, _dir) = store().await;
+        store.register(&id("a"), at(1)).await.expect("first");
+        assert!(matches!(
+            store.register(&id("a"), at(2)).await,
+            Err(StoreError::AlreadyExists(_))
+        ));
+    }
+}

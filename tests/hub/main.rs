@@ -1,0 +1,110 @@
+//! Integration tests: the real hub, a real broker, a temporary SQLite file, devices
+//! driven by firmware-sim. All of tests/ builds into this one binary.
+//!
+//! The core scenarios run against the embedded broker always, and against a real
+//! Mosquitto (started by the test on a free port) with `--features mosquitto-tests`.
+
+mod cli;
+mod helpers;
+mod mosquitto;
+mod restart;
+mod scenarios;
+
+/// Runs each scenario against one broker, as a test of its own.
+macro_rules! scenarios_on {
+    ($broker:expr => $($scenario:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                let (broker, _guard) = $broker;
+                crate::scenarios::$scenario(broker).await;
+            }
+        )+
+    };
+}
+
+mod embedded {
+    scenarios_on!((crate::helpers::Broker::Embedded, ()) =>
+        first_heartbeat_registers_online_and_last_seen_moves,
+        silence_means_one_offline_event_and_recovery_one_online_event,
+        a_hundred_devices_silent_at_once_are_all_reported,
+        error_heartbeat_means_error_and_the_next_ok_one_online,
+        a_cut_connection_fires_the_will_before_the_deadline,
+        a_device_beating_just_inside_offline_after_never_flaps,
+        bad_input_is_rejected_counted_and_changes_nothing,
+        events_committed_before_start_are_published,
+    );
+}
+
+#[cfg(feature = "mosquitto-tests")]
+mod external_mosquitto {
+    scenarios_on!(crate::mosquitto::Mosquitto::start().broker() =>
+        first_heartbeat_registers_online_and_last_seen_moves,
+        silence_means_one_offline_event_and_recovery_one_online_event,
+        a_hundred_devices_silent_at_once_are_all_reported,
+        error_heartbeat_means_error_and_the_next_ok_one_online,
+        a_cut_connection_fires_the_will_before_the_deadline,
+        a_device_beating_just_inside_offline_after_never_flaps,
+        bad_input_is_rejected_counted_and_changes_nothing,
+        events_committed_before_start_are_published,
+    );
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retained_heartbeats_from_before_the_hub_started_are_ignored() {
+        let (broker, _mosquitto) = crate::mosquitto::Mosquitto::start().broker();
+        let crate::helpers::Broker::External(url) = &broker else {
+            unreachable!()
+        };
+        // Retained on the broker (PUBACK received) before the hub subscribes.
+        publish_and_wait(
+            url,
+            &[
+                ("devices/stale-1/heartbeat", b"{}"),
+                ("devices/stale-1/lwt", b"gone"),
+            ],
+        )
+        .await;
+
+        let app = crate::helpers::spawn_app(broker.clone()).await;
+        crate::helpers::eventually(
+            crate::helpers::PATIENCE,
+            "both retained messages to be refused",
+            || {
+                let metrics = app.metrics.clone();
+                async move { metrics.rejected(fleetwatch::heartbeat::RejectReason::Retained) >= 2 }
+            },
+        )
+        .await;
+        assert_eq!(
+            app.status_of("stale-1").await,
+            None,
+            "a retained heartbeat is old news"
+        );
+        app.stop().await;
+    }
+
+    async fn publish_and_wait(url: &firmware_sim::BrokerUrl, messages: &[(&str, &[u8])]) {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+        let (client, mut eventloop) = AsyncClient::new(
+            MqttOptions::new("stale-publisher", url.host.clone(), url.port),
+            16,
+        );
+        for (topic, payload) in messages {
+            client
+                .publish(*topic, QoS::AtLeastOnce, true, payload.to_vec())
+                .await
+                .expect("queue publish");
+        }
+        let mut acked = 0;
+        crate::helpers::within(crate::helpers::PATIENCE, "PUBACKs", async {
+            while acked < messages.len() {
+                if let Event::Incoming(Packet::PubAck(_)) =
+                    eventloop.poll().await.expect("broker connection")
+                {
+                    acked += 1;
+                }
+            }
+        })
+        .await;
+    }
+}
