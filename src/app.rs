@@ -43,7 +43,7 @@ pub enum StartError {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("the {0} task stopped unexpectedly")]
+#[error("the {0} failed; the hub stopped")]
 pub struct RunError(&'static str);
 
 pub struct Application {
@@ -123,8 +123,8 @@ impl Application {
     }
 
     /// Runs the hub until `shutdown` resolves, then shuts down in order. An error
-    /// means one of its tasks ended on its own (a panic), after which the rest is
-    /// shut down as well.
+    /// means a part failed on its own (a task panicked, or the embedded broker stopped
+    /// accepting connections), after which the rest is shut down as well.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()>,
@@ -175,6 +175,12 @@ impl Application {
             self.broker.is_some(),
         );
         let mut publisher_task = tokio::spawn(publisher.run(publish_stop.clone()));
+        let broker_watch = async move {
+            match self.broker {
+                Some(broker) => broker.supervise().await,
+                None => std::future::pending().await,
+            }
+        };
 
         tracing::info!(
             broker = ?self.settings.mqtt.broker,
@@ -186,13 +192,17 @@ impl Application {
 
         let failed = tokio::select! {
             () = shutdown => None,
+            failure = broker_watch => {
+                tracing::error!("{failure}");
+                Some("embedded broker")
+            }
             _ = &mut subscriber_task => Some("subscriber"),
             _ = &mut checker_task => Some("offline checker"),
             _ = &mut handler_task => Some("heartbeat handler"),
             _ = &mut publisher_task => Some("status publisher"),
         };
-        if let Some(task) = failed {
-            tracing::error!(task, "a task stopped unexpectedly; shutting down");
+        if let Some(part) = failed {
+            tracing::error!(part, "shutting down after a failure");
         }
         tracing::info!("shutting down: no new heartbeats, committing the last batch");
         ingest_stop.cancel();

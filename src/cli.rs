@@ -207,6 +207,27 @@ mod tests {
     }
 
     #[test]
+    fn table_columns_line_up() {
+        let device = Device {
+            device_id: "pump-7".parse().expect("valid id"),
+            status: Status::Online,
+            last_seen_at: Some(Timestamp::from_unix_millis(1_000)),
+            first_seen_at: None,
+            status_changed_at: Timestamp::from_unix_millis(0),
+            registered_at: Timestamp::from_unix_millis(0),
+            device_time: None,
+            error: None,
+            report: Default::default(),
+        };
+        let row = table_row(&device, Timestamp::from_unix_millis(6_000));
+        assert_eq!(
+            row,
+            format!("{:<32} {:<13} {:<16} -", "pump-7", "online", "5s ago")
+        );
+        assert_eq!(row.find("online"), Some(33));
+    }
+
+    #[test]
     fn ages_read_naturally() {
         assert_eq!(ago(5_000), "5s ago");
         assert_eq!(ago(120_000), "2m ago");

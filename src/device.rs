@@ -65,7 +65,7 @@ pub fn validate(text: &str) -> Result<(), InvalidDeviceId> {
 
 impl fmt::Display for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 

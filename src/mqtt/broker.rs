@@ -7,8 +7,13 @@
 //! Limits users should know (README "Choosing a broker"): rumqttd keeps nothing on
 //! disk, so retained statuses are republished by the hub at start; it sends a QoS 1
 //! subscriber at most 100 retained messages on subscribe (a QoS 0 subscriber gets up
-//! to `MAX_RETAINED_ON_SUBSCRIBE`); and each connection costs tens of kilobytes, so a
-//! large fleet belongs on Mosquitto.
+//! to `MAX_RETAINED_ON_SUBSCRIBE`); each connection costs about 44 KB, so a large
+//! fleet belongs on Mosquitto; and a client whose connection rumqttd refuses after
+//! CONNECT (a client id with `+ $ # /`, or the connection limit) and that connects
+//! again poisons a lock and stops the listener accepting anyone new
+//! (bytebeamio/rumqtt#1062). [`EmbeddedBroker::supervise`] notices that with a real
+//! MQTT round trip, so the hub can stop and be restarted rather than run deaf to
+//! reconnecting devices.
 
 use std::collections::HashMap;
 use std::io;
@@ -19,8 +24,14 @@ use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{self, Instant};
 
-/// Device connections the embedded broker admits.
-const MAX_CONNECTIONS: usize = 20_000;
+/// Device connections the embedded broker admits. Far above what it can serve well
+/// (Mosquitto is the answer there), because a refused connection that reconnects
+/// triggers rumqttd#1062; the process's open-file limit is the practical cap.
+const MAX_CONNECTIONS: usize = 100_000;
+/// How often the supervisor checks that the broker accepts new connections.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// Consecutive failed probes before the broker is declared broken.
+const PROBE_FAILURES: u32 = 3;
 /// Messages a QoS 0 subscriber may receive per read, including retained messages
 /// on subscribe.
 const MAX_RETAINED_ON_SUBSCRIBE: u64 = 200_000;
@@ -29,6 +40,19 @@ const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
 const SEGMENT_COUNT: usize = 4;
 /// A client that connects but never sends CONNECT is dropped after this.
 const CONNECT_TIMEOUT_MS: u16 = 10_000;
+
+/// Why the embedded broker can no longer serve devices.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerFailure {
+    #[error("the embedded MQTT broker's listener stopped")]
+    Stopped,
+    #[error(
+        "the embedded MQTT broker no longer accepts new connections ({0}); a device probably \
+         connected with a client id containing + $ # / (rumqttd defect bytebeamio/rumqtt#1062). \
+         Restart the hub; for untrusted devices use Mosquitto (mqtt.broker = \"external\")"
+    )]
+    Refusing(String),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -49,6 +73,8 @@ pub enum BrokerError {
 #[derive(Debug)]
 pub struct EmbeddedBroker {
     listen: SocketAddr,
+    /// Resolves when rumqttd's `start` returns: every listener has died.
+    stopped: tokio::sync::oneshot::Receiver<()>,
 }
 
 impl EmbeddedBroker {
@@ -57,21 +83,48 @@ impl EmbeddedBroker {
     pub async fn start(listen: SocketAddr, max_packet: usize) -> Result<Self, BrokerError> {
         ensure_free(listen)?;
         let mut broker = Broker::new(config(listen, max_packet));
+        let (report_stop, stopped) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("embedded-broker".into())
             .spawn(move || {
                 // Returns only if every listener has died.
-                match broker.start() {
-                    Ok(()) => tracing::error!(%listen, "the embedded MQTT broker stopped"),
-                    Err(e) => {
-                        tracing::error!(%listen, error = %e, "the embedded MQTT broker failed")
-                    }
+                if let Err(e) = broker.start() {
+                    tracing::error!(%listen, error = %e, "the embedded MQTT broker failed");
                 }
+                let _ = report_stop.send(());
             })
             .map_err(|e| BrokerError::Start(e.to_string()))?;
         wait_until_listening(listen).await?;
         tracing::info!(%listen, "embedded MQTT broker listening");
-        Ok(Self { listen })
+        Ok(Self { listen, stopped })
+    }
+
+    /// Watches the broker until it fails: returns when its listener has died or it has
+    /// refused [`PROBE_FAILURES`] MQTT connections in a row.
+    pub async fn supervise(self) -> BrokerFailure {
+        let Self {
+            listen,
+            mut stopped,
+        } = self;
+        let target = local_addr(listen);
+        let mut failures = 0;
+        let mut tick = time::interval(PROBE_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return BrokerFailure::Stopped,
+                _ = tick.tick() => {}
+            }
+            match probe(target).await {
+                Ok(()) => failures = 0,
+                Err(why) => {
+                    failures += 1;
+                    tracing::warn!(error = %why, failures, "embedded MQTT broker probe failed");
+                    if failures >= PROBE_FAILURES {
+                        return BrokerFailure::Refusing(why);
+                    }
+                }
+            }
+        }
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -110,6 +163,38 @@ fn ensure_free(listen: SocketAddr) -> Result<(), BrokerError> {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(BrokerError::PortInUse(listen)),
         Err(e) => Err(BrokerError::Listen(listen, e)),
     }
+}
+
+/// One MQTT round trip: CONNECT, CONNACK, DISCONNECT, as a new client.
+pub async fn probe(addr: SocketAddr) -> Result<(), String> {
+    use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet};
+    let client_id = format!("fleetwatch-probe-{}", uuid::Uuid::now_v7().simple());
+    let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(options, 1);
+    let connected = time::timeout(Duration::from_secs(2), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack)))
+                    if ack.code == ConnectReturnCode::Success =>
+                {
+                    return Ok(());
+                }
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    return Err(format!("CONNECT refused: {:?}", ack.code));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err("no CONNACK within 2s".into()));
+    if connected.is_ok() {
+        let _ = client.try_disconnect();
+        let _ = time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+    }
+    connected
 }
 
 async fn wait_until_listening(listen: SocketAddr) -> Result<(), BrokerError> {

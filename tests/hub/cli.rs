@@ -151,3 +151,45 @@ async fn check_and_devices_commands_read_the_database_and_the_hub_publishes_chec
     );
     app.stop().await;
 }
+
+/// rumqttd 0.20 (bytebeamio/rumqtt#1062): a client id it refuses after CONNECT,
+/// connecting twice, leaves its listener refusing everyone new. The hub must notice
+/// and stop with a clear error, not run on deaf to reconnecting devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_broker_that_stops_accepting_stops_the_hub_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let db = dir.path().join("x.db");
+    let mut hub = HubProcess::spawn(
+        dir.path(),
+        &[],
+        &[
+            ("FLEETWATCH_MQTT__LISTEN", format!("127.0.0.1:{port}")),
+            (
+                "FLEETWATCH_DATABASE__URL",
+                format!("sqlite://{}", db.display()),
+            ),
+        ],
+    );
+    hub.wait_for_line("subscribed to device heartbeats").await;
+    for _ in 0..2 {
+        let options = rumqttc::MqttOptions::new("site/pump-7", "127.0.0.1", port);
+        let (_client, mut eventloop) = rumqttc::AsyncClient::new(options, 1);
+        // Refused without a CONNACK: the connection is just closed.
+        let outcome = within(
+            PATIENCE,
+            "the broker to drop the bad client",
+            eventloop.poll(),
+        )
+        .await;
+        assert!(outcome.is_err(), "{outcome:?}");
+    }
+    let status = hub.wait().await;
+    assert_eq!(status.code(), Some(1), "{}", hub.log.join("\n"));
+    let log = hub.log.join("\n");
+    assert!(log.contains("no longer accepts new connections"), "{log}");
+    assert!(
+        log.contains("Mosquitto"),
+        "the message says what to do: {log}"
+    );
+}

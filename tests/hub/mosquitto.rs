@@ -1,9 +1,8 @@
-//! A Mosquitto of the test's own, on a free port, with the packet limit the project's
-//! mosquitto/mosquitto.conf sets.
+//! A Mosquitto of the test's own, on a free port, running the project's shipped
+//! mosquitto/mosquitto.conf (only its port and data directory changed).
 
 #![cfg_attr(not(feature = "mosquitto-tests"), allow(dead_code))]
 
-use std::io::Write;
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,16 +23,7 @@ impl Mosquitto {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
-        let limit = fleetwatch::mqtt::broker_packet_limit(
-            fleetwatch::heartbeat::payload::DEFAULT_MAX_PAYLOAD,
-        );
-        let mut file = std::fs::File::create(&conf).expect("write mosquitto.conf");
-        write!(
-            file,
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-             max_packet_size {limit}\nmax_queued_messages 100000\nlog_dest stderr\nlog_type error\n"
-        )
-        .expect("write mosquitto.conf");
+        std::fs::write(&conf, shipped_config(port, dir.path())).expect("write mosquitto.conf");
         let child = Command::new("mosquitto")
             .arg("-c")
             .arg(&conf)
@@ -72,4 +62,36 @@ impl Drop for Mosquitto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// mosquitto/mosquitto.conf with the listener moved to `port` on loopback and the
+/// persistence directory moved to `data`.
+fn shipped_config(port: u16, data: &std::path::Path) -> String {
+    let shipped = include_str!("../../mosquitto/mosquitto.conf");
+    shipped
+        .lines()
+        .map(|line| match line.split_whitespace().next() {
+            Some("listener") => format!("listener {port} 127.0.0.1"),
+            Some("persistence_location") => format!("persistence_location {}/", data.display()),
+            Some("log_dest") => "log_dest stderr".to_string(),
+            _ => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn shipped_config_refuses_exactly_what_the_hub_lets_through() {
+    let shipped = include_str!("../../mosquitto/mosquitto.conf");
+    let limit = shipped
+        .lines()
+        .find_map(|line| line.strip_prefix("max_packet_size "))
+        .and_then(|value| value.trim().parse::<usize>().ok())
+        .expect("mosquitto.conf sets max_packet_size");
+    let expected =
+        fleetwatch::mqtt::broker_packet_limit(fleetwatch::heartbeat::payload::DEFAULT_MAX_PAYLOAD);
+    assert_eq!(
+        limit, expected,
+        "keep max_packet_size at 2 x heartbeat.max_payload + 1024"
+    );
 }

@@ -1,0 +1,15 @@
+# Builds the fleetwatch hub and firmware-sim into a small runtime image.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --workspace --bins
+
+FROM debian:bookworm-slim
+RUN useradd --system --home /data --create-home fleetwatch
+COPY --from=build /src/target/release/fleetwatch /src/target/release/firmware-sim /usr/local/bin/
+USER fleetwatch
+WORKDIR /data
+# 1883: the embedded broker (default mode); unused in external mode.
+EXPOSE 1883
+ENTRYPOINT ["fleetwatch"]
+CMD ["serve"]
