@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
-use crate::BrokerUrl;
+use crate::{BrokerUrl, SimError};
 
 pub(crate) struct ConnectionSpec<'a> {
     pub url: &'a BrokerUrl,
@@ -60,4 +61,34 @@ pub(crate) async fn drive(
             }
         }
     }
+}
+
+/// A connection whose event loop runs in its own task, once the broker has accepted it.
+pub(crate) struct Connected {
+    pub client: AsyncClient,
+    pub connected: watch::Receiver<bool>,
+    pub network: JoinHandle<()>,
+}
+
+/// Opens a connection and waits up to `timeout` for the broker's CONNACK.
+pub(crate) async fn connect(
+    spec: ConnectionSpec<'_>,
+    timeout: Duration,
+) -> Result<Connected, SimError> {
+    let url = spec.url.clone();
+    let (client, eventloop) = open(spec);
+    let (connected_tx, mut connected) = watch::channel(false);
+    let network = tokio::spawn(drive(eventloop, connected_tx, Arc::new(AtomicU64::new(0))));
+    if tokio::time::timeout(timeout, connected.wait_for(|up| *up))
+        .await
+        .is_err()
+    {
+        network.abort();
+        return Err(SimError::ConnectTimeout { url, timeout });
+    }
+    Ok(Connected {
+        client,
+        connected,
+        network,
+    })
 }

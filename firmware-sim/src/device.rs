@@ -77,28 +77,22 @@ pub struct SimDevice {
 impl SimDevice {
     /// Connects, then publishes a first heartbeat at once and one every interval.
     pub async fn start(config: DeviceConfig) -> Result<Self, SimError> {
-        let (client, eventloop) = connection::open(ConnectionSpec {
-            url: &config.url,
-            client_id: config.id.clone(),
-            will_for: config.lwt.then_some(config.id.as_str()),
-            keep_alive: config.keep_alive,
-            inflight: 100,
-            capacity: 64,
-        });
-        let (connected_tx, mut connected) = watch::channel(false);
-        let network = tokio::spawn(connection::drive(
-            eventloop,
-            connected_tx,
-            Arc::new(AtomicU64::new(0)),
-        ));
-        let wait = connected.wait_for(|up| *up);
-        if time::timeout(config.connect_timeout, wait).await.is_err() {
-            network.abort();
-            return Err(SimError::ConnectTimeout {
-                url: config.url.clone(),
-                timeout: config.connect_timeout,
-            });
-        }
+        let connection::Connected {
+            client,
+            connected,
+            network,
+        } = connection::connect(
+            ConnectionSpec {
+                url: &config.url,
+                client_id: config.id.clone(),
+                will_for: config.lwt.then_some(config.id.as_str()),
+                keep_alive: config.keep_alive,
+                inflight: 100,
+                capacity: 64,
+            },
+            config.connect_timeout,
+        )
+        .await?;
         let (commands, inbox) = mpsc::channel(16);
         let sent = Arc::new(AtomicU64::new(0));
         let beats = tokio::spawn(

@@ -1,13 +1,10 @@
 //! Arbitrary messages on arbitrary topics: the misbehaving firmware a hub must survive.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time;
 
 use crate::connection::{self, ConnectionSpec};
 use crate::{BrokerUrl, SimError};
@@ -20,31 +17,22 @@ pub struct RawPublisher {
 
 impl RawPublisher {
     pub async fn connect(url: &BrokerUrl, client_id: &str) -> Result<Self, SimError> {
-        let (client, eventloop) = connection::open(ConnectionSpec {
-            url,
-            client_id: client_id.to_string(),
-            will_for: None,
-            keep_alive: Duration::from_secs(30),
-            inflight: 100,
-            capacity: 64,
-        });
-        let (connected_tx, mut connected) = watch::channel(false);
-        let network = tokio::spawn(connection::drive(
-            eventloop,
-            connected_tx,
-            Arc::new(AtomicU64::new(0)),
-        ));
-        let timeout = Duration::from_secs(10);
-        if time::timeout(timeout, connected.wait_for(|up| *up))
-            .await
-            .is_err()
-        {
-            network.abort();
-            return Err(SimError::ConnectTimeout {
-                url: url.clone(),
-                timeout,
-            });
-        }
+        let connection::Connected {
+            client,
+            connected,
+            network,
+        } = connection::connect(
+            ConnectionSpec {
+                url,
+                client_id: client_id.to_string(),
+                will_for: None,
+                keep_alive: Duration::from_secs(30),
+                inflight: 100,
+                capacity: 64,
+            },
+            Duration::from_secs(10),
+        )
+        .await?;
         Ok(Self {
             client,
             connected,

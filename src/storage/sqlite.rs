@@ -693,6 +693,13 @@ mod tests {
         store.apply(&batch.take()).await.expect("apply")
     }
 
+    fn statuses(events: &[StoredEvent]) -> Vec<(String, Status)> {
+        events
+            .iter()
+            .map(|e| (e.event.device_id.to_string(), e.event.status))
+            .collect()
+    }
+
     fn summary(events: &[StatusEvent]) -> Vec<(String, Option<Status>, Status, Reason)> {
         let mut rows: Vec<_> = events
             .iter()
@@ -967,12 +974,8 @@ mod tests {
         store.register(&id("b"), at(3_000)).await.expect("register");
 
         let pending = store.unpublished_events(0, 10).await.expect("read");
-        let order: Vec<_> = pending
-            .iter()
-            .map(|e| (e.event.device_id.to_string(), e.event.status))
-            .collect();
         assert_eq!(
-            order,
+            statuses(&pending),
             vec![
                 ("a".into(), Status::Online),
                 ("a".into(), Status::Error),
@@ -1027,13 +1030,9 @@ mod tests {
             .current_events(Some(&first[1].event.device_id), 2)
             .await
             .expect("page");
-        let all: Vec<_> = first
-            .iter()
-            .chain(&second)
-            .map(|e| (e.event.device_id.to_string(), e.event.status))
-            .collect();
+        let all: Vec<StoredEvent> = first.into_iter().chain(second).collect();
         assert_eq!(
-            all,
+            statuses(&all),
             vec![
                 ("a".into(), Status::Error),
                 ("b".into(), Status::Online),

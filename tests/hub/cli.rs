@@ -6,7 +6,7 @@ use std::time::Duration;
 use fleetwatch::status::Status;
 
 use crate::helpers::*;
-use crate::restart::HubProcess;
+use crate::restart::{HubProcess, hub_env};
 
 #[tokio::test]
 async fn a_bad_value_exits_2_with_one_line_naming_the_key() {
@@ -43,18 +43,9 @@ async fn an_environment_override_takes_effect() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let db = dir.path().join("override.db");
-    let mut hub = HubProcess::spawn(
-        dir.path(),
-        &[],
-        &[
-            ("FLEETWATCH_MQTT__LISTEN", format!("127.0.0.1:{port}")),
-            (
-                "FLEETWATCH_DATABASE__URL",
-                format!("sqlite://{}", db.display()),
-            ),
-            ("FLEETWATCH_HEARTBEAT__OFFLINE_AFTER", "7m".into()),
-        ],
-    );
+    let mut env = hub_env(port, &db);
+    env.push(("FLEETWATCH_HEARTBEAT__OFFLINE_AFTER", "7m".into()));
+    let mut hub = HubProcess::spawn(dir.path(), &[], &env);
     hub.wait_for_line("fleetwatch ready").await;
     let ready = hub.log.last().expect("ready line").clone();
     assert!(ready.contains(&format!("127.0.0.1:{port}")), "{ready}");
@@ -77,17 +68,7 @@ async fn a_taken_mqtt_port_is_one_plain_line() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
     let db = dir.path().join("x.db");
-    let mut hub = HubProcess::spawn(
-        dir.path(),
-        &[],
-        &[
-            ("FLEETWATCH_MQTT__LISTEN", format!("127.0.0.1:{port}")),
-            (
-                "FLEETWATCH_DATABASE__URL",
-                format!("sqlite://{}", db.display()),
-            ),
-        ],
-    );
+    let mut hub = HubProcess::spawn(dir.path(), &[], &hub_env(port, &db));
     let status = hub.wait().await;
     assert_eq!(status.code(), Some(1));
     let errors: Vec<_> = hub
@@ -160,17 +141,7 @@ async fn an_embedded_broker_that_stops_accepting_stops_the_hub_with_a_clear_erro
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let db = dir.path().join("x.db");
-    let mut hub = HubProcess::spawn(
-        dir.path(),
-        &[],
-        &[
-            ("FLEETWATCH_MQTT__LISTEN", format!("127.0.0.1:{port}")),
-            (
-                "FLEETWATCH_DATABASE__URL",
-                format!("sqlite://{}", db.display()),
-            ),
-        ],
-    );
+    let mut hub = HubProcess::spawn(dir.path(), &[], &hub_env(port, &db));
     hub.wait_for_line("subscribed to device heartbeats").await;
     for _ in 0..2 {
         let options = rumqttc::MqttOptions::new("site/pump-7", "127.0.0.1", port);

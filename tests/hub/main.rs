@@ -10,8 +10,21 @@ mod mosquitto;
 mod restart;
 mod scenarios;
 
-/// Runs each scenario against one broker, as a test of its own.
-macro_rules! scenarios_on {
+/// Every core scenario as a test of its own, run against the broker `$broker`
+/// evaluates to: a `(Broker, guard)` pair, the guard kept alive for the test.
+macro_rules! core_scenarios {
+    ($broker:expr) => {
+        core_scenarios!($broker =>
+            first_heartbeat_registers_online_and_last_seen_moves,
+            silence_means_one_offline_event_and_recovery_one_online_event,
+            a_hundred_devices_silent_at_once_are_all_reported,
+            error_heartbeat_means_error_and_the_next_ok_one_online,
+            a_cut_connection_fires_the_will_before_the_deadline,
+            a_device_beating_just_inside_offline_after_never_flaps,
+            bad_input_is_rejected_counted_and_changes_nothing,
+            events_committed_before_start_are_published,
+        );
+    };
     ($broker:expr => $($scenario:ident),+ $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,30 +37,12 @@ macro_rules! scenarios_on {
 }
 
 mod embedded {
-    scenarios_on!((crate::helpers::Broker::Embedded, ()) =>
-        first_heartbeat_registers_online_and_last_seen_moves,
-        silence_means_one_offline_event_and_recovery_one_online_event,
-        a_hundred_devices_silent_at_once_are_all_reported,
-        error_heartbeat_means_error_and_the_next_ok_one_online,
-        a_cut_connection_fires_the_will_before_the_deadline,
-        a_device_beating_just_inside_offline_after_never_flaps,
-        bad_input_is_rejected_counted_and_changes_nothing,
-        events_committed_before_start_are_published,
-    );
+    core_scenarios!((crate::helpers::Broker::Embedded, ()));
 }
 
 #[cfg(feature = "mosquitto-tests")]
 mod external_mosquitto {
-    scenarios_on!(crate::mosquitto::Mosquitto::start().broker() =>
-        first_heartbeat_registers_online_and_last_seen_moves,
-        silence_means_one_offline_event_and_recovery_one_online_event,
-        a_hundred_devices_silent_at_once_are_all_reported,
-        error_heartbeat_means_error_and_the_next_ok_one_online,
-        a_cut_connection_fires_the_will_before_the_deadline,
-        a_device_beating_just_inside_offline_after_never_flaps,
-        bad_input_is_rejected_counted_and_changes_nothing,
-        events_committed_before_start_are_published,
-    );
+    core_scenarios!(crate::mosquitto::Mosquitto::start().broker());
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn retained_heartbeats_from_before_the_hub_started_are_ignored() {

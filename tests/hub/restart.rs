@@ -112,18 +112,15 @@ impl HubProcess {
     }
 }
 
-fn hub_env(port: u16, db: &Path) -> Vec<(&'static str, String)> {
+/// The environment of a hub process on an embedded broker at `port` and the
+/// database `db`.
+pub fn hub_env(port: u16, db: &Path) -> Vec<(&'static str, String)> {
     vec![
         ("FLEETWATCH_MQTT__LISTEN", format!("127.0.0.1:{port}")),
         (
             "FLEETWATCH_DATABASE__URL",
             format!("sqlite://{}", db.display()),
         ),
-        (
-            "FLEETWATCH_HEARTBEAT__OFFLINE_AFTER",
-            format!("{}ms", OFFLINE_AFTER.as_millis()),
-        ),
-        ("FLEETWATCH_HEARTBEAT__CHECK_INTERVAL", "100ms".into()),
     ]
 }
 
@@ -134,7 +131,12 @@ async fn sigkill_and_restart_lose_nothing_repeat_nothing_and_respect_the_grace()
     let db = dir.path().join("fleetwatch.db");
     let port = free_port();
     let url = BrokerUrl::new("127.0.0.1", port);
-    let env = hub_env(port, &db);
+    let mut env = hub_env(port, &db);
+    env.push((
+        "FLEETWATCH_HEARTBEAT__OFFLINE_AFTER",
+        format!("{}ms", OFFLINE_AFTER.as_millis()),
+    ));
+    env.push(("FLEETWATCH_HEARTBEAT__CHECK_INTERVAL", "100ms".into()));
 
     let mut hub = HubProcess::spawn(dir.path(), &[], &env);
     hub.wait_for_line("subscribed to device heartbeats").await;
