@@ -171,13 +171,12 @@ impl Application {
             alerts.outbox_changed(),
             Arc::clone(&self.metrics),
             self.clock.clone(),
-            // rumqttd keeps no retained messages across restarts.
-            self.broker.is_some(),
         );
         let mut publisher_task = tokio::spawn(publisher.run(publish_stop.clone()));
+        let probe_id = format!("{}-probe", self.endpoint.client_id);
         let broker_watch = async move {
             match self.broker {
-                Some(broker) => broker.supervise().await,
+                Some(broker) => broker.supervise(probe_id).await,
                 None => std::future::pending().await,
             }
         };

@@ -66,6 +66,9 @@ pub fn cutoff(
 pub struct OfflineChecker {
     store: Arc<dyn Store>,
     clock: Clock,
+    /// When the system clock was last set: silence is only measured after it, like
+    /// after a reconnect.
+    clock_set_at: std::sync::Mutex<Option<Timestamp>>,
     offline_after: Duration,
     listening: Listening,
     flush: FlushHandle,
@@ -86,6 +89,7 @@ impl OfflineChecker {
         Self {
             store,
             clock,
+            clock_set_at: std::sync::Mutex::new(None),
             offline_after,
             listening,
             flush,
@@ -96,16 +100,31 @@ impl OfflineChecker {
 
     /// One pass.
     pub async fn check_once(&self) -> Result<Pass, CheckError> {
+        if let Some(step) = self.clock.resync() {
+            tracing::warn!(
+                step_ms = step,
+                "the system clock was set; offline checks restart their grace"
+            );
+            if let Ok(mut set_at) = self.clock_set_at.lock() {
+                *set_at = Some(self.clock.now());
+            }
+        }
         let asked_at = self.clock.now();
-        let listening_since = *self.listening.borrow();
+        let clock_set_at = self.clock_set_at.lock().ok().and_then(|set_at| *set_at);
+        let listening_since = (*self.listening.borrow()).map(|since| match clock_set_at {
+            Some(set_at) => since.max(set_at),
+            None => since,
+        });
         let cutoff = match cutoff(asked_at, self.offline_after, listening_since) {
             Ok(cutoff) => cutoff,
             Err(skip) => return Ok(skip),
         };
         // Everything received before `asked_at` is committed after this, so a device
-        // still older than `cutoff` really was silent for `offline_after`.
+        // still older than `cutoff` really was silent for `offline_after`. The pass is
+        // dated `asked_at`: anything committed after it was received after it, so a
+        // device's `changed_at` never runs backwards.
         self.flush.flush().await?;
-        let events = self.store.mark_offline(cutoff, self.clock.now()).await?;
+        let events = self.store.mark_offline(cutoff, asked_at).await?;
         self.alerts.committed(&events);
         Ok(Pass::Checked(events))
     }

@@ -7,6 +7,8 @@
 //! tests drive the hub's notion of time with `tokio::time::pause()`/`advance()`.
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -88,27 +90,68 @@ impl<'de> serde::Deserialize<'de> for Timestamp {
 }
 
 /// Wall time anchored at creation and advanced by tokio's monotonic clock.
+///
+/// A clock made by [`Clock::new`] also follows the system clock when it is *set*:
+/// [`Clock::resync`] notices a step (a machine that booted without a real-time clock
+/// and synced NTP after the hub started, an operator's `date -s`) and re-anchors.
 #[derive(Clone, Debug)]
 pub struct Clock {
+    inner: Arc<Anchor>,
+}
+
+#[derive(Debug)]
+struct Anchor {
     origin_wall: Timestamp,
     origin: Instant,
+    /// Added to every reading: the sum of the steps `resync` has taken.
+    offset_ms: AtomicI64,
+    follows_system: bool,
 }
+
+/// A difference from the system clock larger than this is a step, not drift.
+const STEP_MS: i64 = 1_000;
 
 impl Clock {
     pub fn new() -> Self {
-        Self::starting_at(Timestamp::from_datetime(Utc::now()))
+        Self::anchored(Timestamp::from_datetime(Utc::now()), true)
     }
 
-    /// A clock that reads `start` now; used by tests that pin the calendar.
+    /// A clock that reads `start` now and never follows the system clock; for tests
+    /// that pin the calendar and drive time with `tokio::time`.
     pub fn starting_at(start: Timestamp) -> Self {
+        Self::anchored(start, false)
+    }
+
+    fn anchored(start: Timestamp, follows_system: bool) -> Self {
         Self {
-            origin_wall: start,
-            origin: Instant::now(),
+            inner: Arc::new(Anchor {
+                origin_wall: start,
+                origin: Instant::now(),
+                offset_ms: AtomicI64::new(0),
+                follows_system,
+            }),
         }
     }
 
     pub fn now(&self) -> Timestamp {
-        self.origin_wall.saturating_add(self.origin.elapsed())
+        let anchor = &self.inner;
+        let base = anchor.origin_wall.saturating_add(anchor.origin.elapsed());
+        Timestamp(base.0.saturating_add(anchor.offset_ms.load(Relaxed)))
+    }
+
+    /// Re-anchors on the system clock if it was set since the last look. Returns the
+    /// step in milliseconds (positive: forward), or `None` if there was none.
+    pub fn resync(&self) -> Option<i64> {
+        if !self.inner.follows_system {
+            return None;
+        }
+        let system = Timestamp::from_datetime(Utc::now());
+        let step = system.millis_since(self.now());
+        if step.abs() <= STEP_MS {
+            return None;
+        }
+        self.inner.offset_ms.fetch_add(step, Relaxed);
+        Some(step)
     }
 }
 
@@ -135,5 +178,25 @@ mod tests {
         let clock = Clock::starting_at(start);
         tokio::time::advance(Duration::from_secs(180)).await;
         assert_eq!(clock.now(), Timestamp::from_unix_millis(1_180_000));
+        assert_eq!(
+            clock.resync(),
+            None,
+            "a pinned clock never follows the system"
+        );
+    }
+
+    #[test]
+    fn a_clock_that_was_set_is_followed_after_resync() {
+        // A hub started while the system clock said 1970.
+        let clock = Clock::anchored(Timestamp::from_unix_millis(0), true);
+        let clones = clock.clone();
+        let step = clock.resync().expect("a step of decades");
+        assert!(step > 1_000_000_000_000, "{step}");
+        let system = Timestamp::from_datetime(Utc::now());
+        assert!(
+            clones.now().millis_since(system).abs() < 1_000,
+            "clones share the anchor"
+        );
+        assert_eq!(clock.resync(), None, "in step now");
     }
 }

@@ -157,7 +157,7 @@ impl Default for Settings {
                 offline_after: Duration::from_secs(180),
                 check_interval: Duration::from_millis(250),
                 flush_interval: Duration::from_millis(250),
-                queue_capacity: 65_536,
+                queue_capacity: 16_384,
                 max_batch: 20_000,
                 max_payload: DEFAULT_MAX_PAYLOAD,
             },
@@ -249,20 +249,17 @@ impl Settings {
                 return Err(ConfigError::key(key, "must be greater than zero"));
             }
         }
-        for (key, value) in [
-            ("heartbeat.queue_capacity", hb.queue_capacity),
-            ("heartbeat.max_batch", hb.max_batch),
-            ("heartbeat.max_payload", hb.max_payload),
+        for (key, value, max) in [
+            ("heartbeat.queue_capacity", hb.queue_capacity, 1_000_000),
+            ("heartbeat.max_batch", hb.max_batch, 1_000_000),
+            ("heartbeat.max_payload", hb.max_payload, 16 * 1024 * 1024),
         ] {
-            if value == 0 {
-                return Err(ConfigError::key(key, "must be greater than zero"));
+            if value == 0 || value > max {
+                return Err(ConfigError::key(
+                    key,
+                    format!("{value} is out of range (1 to {max})"),
+                ));
             }
-        }
-        if hb.max_payload > 16 * 1024 * 1024 {
-            return Err(ConfigError::key(
-                "heartbeat.max_payload",
-                "must be at most 16 MiB",
-            ));
         }
         if self.mqtt.broker == BrokerMode::External {
             self.broker_url()?;

@@ -9,6 +9,11 @@ use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::status::Signal;
 
+/// Most status steps kept per device per flush. A device flapping faster than this
+/// has its later steps folded into the last one: its final status stays right, the
+/// intermediate transitions are not all recorded, and its memory stays bounded.
+pub const MAX_STEPS: usize = 32;
+
 /// Everything heard from one device since the last flush.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceUpdate {
@@ -53,14 +58,14 @@ impl DeviceUpdate {
             Signal::Heartbeat { .. } => Some(at),
             _ => self.last_seen,
         };
-        match self.steps.last_mut() {
-            Some(step) if step.signal == signal => step.last_heartbeat = last_heartbeat,
-            _ => self.steps.push(Step {
+        append(
+            &mut self.steps,
+            Step {
                 signal,
                 at,
                 last_heartbeat,
-            }),
-        }
+            },
+        );
     }
 
     fn add_heartbeat(&mut self, at: Timestamp, heartbeat: Heartbeat) {
@@ -77,6 +82,19 @@ impl DeviceUpdate {
         }
         self.error = Some(if healthy { None } else { error });
         self.report.merge(report);
+    }
+}
+
+/// Adds `step` after `steps`: a repeat of the last signal extends that step, and past
+/// [`MAX_STEPS`] the last step is replaced.
+fn append(steps: &mut Vec<Step>, step: Step) {
+    let full = steps.len() >= MAX_STEPS;
+    match steps.last_mut() {
+        Some(last) if last.signal == step.signal => {
+            last.last_heartbeat = step.last_heartbeat.or(last.last_heartbeat);
+        }
+        Some(last) if full => *last = step,
+        _ => steps.push(step),
     }
 }
 
@@ -145,18 +163,14 @@ impl Batch {
 /// `older` followed by `newer`, as if they had arrived in one batch.
 fn merge(mut older: DeviceUpdate, newer: DeviceUpdate) -> DeviceUpdate {
     for step in newer.steps {
-        match older.steps.last_mut() {
-            Some(last) if last.signal == step.signal => {
-                last.last_heartbeat = step.last_heartbeat.or(last.last_heartbeat);
-            }
-            _ => {
-                let last_heartbeat = step.last_heartbeat.or(older.last_seen);
-                older.steps.push(Step {
-                    last_heartbeat,
-                    ..step
-                });
-            }
-        }
+        let last_heartbeat = step.last_heartbeat.or(older.last_seen);
+        append(
+            &mut older.steps,
+            Step {
+                last_heartbeat,
+                ..step
+            },
+        );
     }
     older.last_seen = newer.last_seen.or(older.last_seen);
     older.device_time = newer.device_time.or(older.device_time);
@@ -237,6 +251,20 @@ mod tests {
             update.error,
             Some(None),
             "latest heartbeat was ok: clear the error"
+        );
+    }
+
+    #[test]
+    fn a_flapping_device_keeps_a_bounded_history_ending_in_its_latest_status() {
+        let mut batch = Batch::default();
+        for i in 0..1000 {
+            batch.add_heartbeat(id("flappy"), at(i), beat(i % 2 == 0));
+        }
+        let update = batch.take().remove(0);
+        assert_eq!(update.steps.len(), MAX_STEPS);
+        assert_eq!(
+            update.steps.last().map(|s| (s.signal, s.at)),
+            Some((BAD, at(999)))
         );
     }
 

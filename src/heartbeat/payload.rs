@@ -14,6 +14,14 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 64 * 1024;
 /// The deepest JSON nesting a heartbeat can need is two levels (`os_info`, `metrics`);
 /// anything far deeper is not a heartbeat, even inside a field we would ignore.
 pub const MAX_NESTING: usize = 8;
+/// Longest accepted text field (`hostname`, `firmware_version`, `os_info` fields and
+/// metric names), in bytes.
+pub const MAX_TEXT: usize = 256;
+/// Longest accepted `error` text, in bytes.
+pub const MAX_ERROR_TEXT: usize = 1024;
+/// Most entries accepted in `metrics`. Without these caps one 64 KiB heartbeat could
+/// take most of a megabyte once parsed, queued and batched.
+pub const MAX_METRICS: usize = 64;
 
 /// A valid heartbeat. The receipt time is not here: it is the hub's, added by whoever
 /// received the message.
@@ -92,6 +100,8 @@ pub enum PayloadError {
     Malformed(serde_json::Error),
     #[error("invalid heartbeat field: {0}")]
     InvalidField(serde_json::Error),
+    #[error("invalid heartbeat field: {0}")]
+    OverLimit(String),
 }
 
 impl PayloadError {
@@ -102,7 +112,9 @@ impl PayloadError {
             PayloadError::TooDeep => RejectReason::TooDeep,
             PayloadError::NotAnObject => RejectReason::NotAnObject,
             PayloadError::Malformed(_) => RejectReason::MalformedJson,
-            PayloadError::InvalidField(_) => RejectReason::InvalidField,
+            PayloadError::InvalidField(_) | PayloadError::OverLimit(_) => {
+                RejectReason::InvalidField
+            }
         }
     }
 }
@@ -137,7 +149,44 @@ pub fn parse(payload: &[u8], limit: usize) -> Result<Heartbeat, PayloadError> {
         serde_json::error::Category::Data => PayloadError::InvalidField(e),
         _ => PayloadError::Malformed(e),
     })?;
-    Ok(wire.into())
+    let heartbeat = Heartbeat::from(wire);
+    check_limits(&heartbeat)?;
+    Ok(heartbeat)
+}
+
+fn check_limits(heartbeat: &Heartbeat) -> Result<(), PayloadError> {
+    let too_long = |name: &str, text: &Option<String>, limit: usize| match text {
+        Some(text) if text.len() > limit => Err(PayloadError::OverLimit(format!(
+            "{name} is {} bytes, over the {limit}-byte limit",
+            text.len()
+        ))),
+        _ => Ok(()),
+    };
+    let report = &heartbeat.report;
+    too_long("error", &heartbeat.error, MAX_ERROR_TEXT)?;
+    too_long("hostname", &report.hostname, MAX_TEXT)?;
+    too_long("firmware_version", &report.firmware_version, MAX_TEXT)?;
+    if let Some(os) = &report.os_info {
+        too_long("os_info.distribution", &os.distribution, MAX_TEXT)?;
+        too_long("os_info.version", &os.version, MAX_TEXT)?;
+        too_long("os_info.kernel", &os.kernel, MAX_TEXT)?;
+        too_long("os_info.architecture", &os.architecture, MAX_TEXT)?;
+    }
+    if let Some(metrics) = &report.metrics {
+        if metrics.len() > MAX_METRICS {
+            return Err(PayloadError::OverLimit(format!(
+                "metrics has {} entries, over the limit of {MAX_METRICS}",
+                metrics.len()
+            )));
+        }
+        if let Some(name) = metrics.keys().find(|name| name.len() > MAX_TEXT) {
+            return Err(PayloadError::OverLimit(format!(
+                "metric name of {} bytes is over the {MAX_TEXT}-byte limit",
+                name.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// True when brackets outside strings nest deeper than `limit`. serde_json ignores
@@ -338,6 +387,27 @@ mod tests {
         // Brackets inside strings do not count.
         let hb = parse_ok(&format!("{{\"hostname\":\"{}\"}}", "[".repeat(100)));
         assert_eq!(hb.report.hostname.map(|h| h.len()), Some(100));
+    }
+
+    #[test]
+    fn oversized_fields_are_rejected() {
+        let long = "x".repeat(MAX_TEXT + 1);
+        assert_eq!(
+            reason(format!("{{\"hostname\":\"{long}\"}}").as_bytes()),
+            RejectReason::InvalidField
+        );
+        assert_eq!(
+            reason(format!("{{\"os_info\":{{\"kernel\":\"{long}\"}}}}").as_bytes()),
+            RejectReason::InvalidField
+        );
+        let many: Vec<String> = (0..=MAX_METRICS).map(|i| format!("\"m{i}\":1")).collect();
+        assert_eq!(
+            reason(format!("{{\"metrics\":{{{}}}}}", many.join(",")).as_bytes()),
+            RejectReason::InvalidField
+        );
+        let within: Vec<String> = (0..MAX_METRICS).map(|i| format!("\"m{i}\":1")).collect();
+        let hb = parse_ok(&format!("{{\"metrics\":{{{}}}}}", within.join(",")));
+        assert_eq!(hb.report.metrics.map(|m| m.len()), Some(MAX_METRICS));
     }
 
     #[test]

@@ -29,9 +29,12 @@ use tokio::time::{self, Instant};
 /// triggers rumqttd#1062; the process's open-file limit is the practical cap.
 const MAX_CONNECTIONS: usize = 100_000;
 /// How often the supervisor checks that the broker accepts new connections.
-const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+const PROBE_INTERVAL: Duration = Duration::from_secs(3);
+/// How long a probe waits for CONNACK: generous, because a reconnect storm of
+/// thousands of devices can keep the broker's single accept loop busy for seconds.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Consecutive failed probes before the broker is declared broken.
-const PROBE_FAILURES: u32 = 3;
+const PROBE_FAILURES: u32 = 5;
 /// Messages a QoS 0 subscriber may receive per read, including retained messages
 /// on subscribe.
 const MAX_RETAINED_ON_SUBSCRIBE: u64 = 200_000;
@@ -100,8 +103,10 @@ impl EmbeddedBroker {
     }
 
     /// Watches the broker until it fails: returns when its listener has died or it has
-    /// refused [`PROBE_FAILURES`] MQTT connections in a row.
-    pub async fn supervise(self) -> BrokerFailure {
+    /// refused [`PROBE_FAILURES`] MQTT connections in a row. Probes connect as
+    /// `client_id`, always the same one: rumqttd keeps a record of every client id it
+    /// has seen, so fresh ids would leak memory.
+    pub async fn supervise(self, client_id: String) -> BrokerFailure {
         let Self {
             listen,
             mut stopped,
@@ -114,7 +119,7 @@ impl EmbeddedBroker {
                 _ = &mut stopped => return BrokerFailure::Stopped,
                 _ = tick.tick() => {}
             }
-            match probe(target).await {
+            match probe(target, &client_id).await {
                 Ok(()) => failures = 0,
                 Err(why) => {
                     failures += 1;
@@ -165,14 +170,13 @@ fn ensure_free(listen: SocketAddr) -> Result<(), BrokerError> {
     }
 }
 
-/// One MQTT round trip: CONNECT, CONNACK, DISCONNECT, as a new client.
-pub async fn probe(addr: SocketAddr) -> Result<(), String> {
+/// One MQTT round trip through the broker's router: CONNECT, CONNACK, DISCONNECT.
+pub async fn probe(addr: SocketAddr, client_id: &str) -> Result<(), String> {
     use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet};
-    let client_id = format!("fleetwatch-probe-{}", uuid::Uuid::now_v7().simple());
     let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
     options.set_keep_alive(Duration::from_secs(5));
     let (client, mut eventloop) = AsyncClient::new(options, 1);
-    let connected = time::timeout(Duration::from_secs(2), async {
+    let connected = time::timeout(PROBE_TIMEOUT, async {
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(ack)))
@@ -189,7 +193,7 @@ pub async fn probe(addr: SocketAddr) -> Result<(), String> {
         }
     })
     .await
-    .unwrap_or_else(|_| Err("no CONNACK within 2s".into()));
+    .unwrap_or_else(|_| Err(format!("no CONNACK within {PROBE_TIMEOUT:?}")));
     if connected.is_ok() {
         let _ = client.try_disconnect();
         let _ = time::timeout(Duration::from_millis(200), eventloop.poll()).await;

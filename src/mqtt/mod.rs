@@ -25,8 +25,11 @@ pub struct Endpoint {
     pub max_payload: usize,
 }
 
-/// How long the hub's connections may stay idle before a ping.
-const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// How long the events connection may stay idle before a ping.
+pub(crate) const EVENTS_KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// The ingest connection pings often: a half-open connection must be noticed well
+/// within `offline_after`, because while it lasts the hub hears nothing.
+pub(crate) const INGEST_KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 impl Endpoint {
     /// Client options for one of the hub's connections (`role`: "ingest", "events").
@@ -34,14 +37,14 @@ impl Endpoint {
     /// Incoming packets may be twice the payload limit plus headroom for the topic, so
     /// a device sending an oversized heartbeat is counted and dropped by the hub
     /// instead of breaking the hub's own connection.
-    pub fn options(&self, role: &str) -> MqttOptions {
+    pub fn options(&self, role: &str, keep_alive: Duration) -> MqttOptions {
         let mut options = MqttOptions::new(
             format!("{}-{role}", self.client_id),
             self.host.clone(),
             self.port,
         );
         options
-            .set_keep_alive(KEEP_ALIVE)
+            .set_keep_alive(keep_alive)
             .set_clean_session(true)
             .set_max_packet_size(incoming_packet_limit(self.max_payload), 256 * 1024);
         if let Some((user, password)) = &self.credentials {

@@ -11,7 +11,14 @@
 //! sends only while connected, and treats every unacknowledged event as unsent when
 //! the connection drops (rumqttc discards them with a clean session), so the n-th
 //! PUBACK of a connection is the n-th event sent on it. The packet ids rumqttc reports
-//! are checked against that order.
+//! are checked against that order; a mismatch drops the connection and sends again.
+//!
+//! On every connection the current status of every device is published again first
+//! (same events, same ids): the embedded broker loses retained messages with the
+//! process, and an external one can lose the last ones it had not saved when it
+//! crashed. A device whose latest event is still in the outbox is left to the outbox,
+//! and both go through one queue, so a device's retained status always ends at its
+//! latest event.
 
 use std::collections::VecDeque;
 use std::pin::pin;
@@ -33,7 +40,7 @@ use crate::storage::{Store, StoreError};
 
 /// Events in flight at once (rumqttc's inflight limit and request channel size).
 const WINDOW: u16 = 256;
-/// Events loaded from the database per read.
+/// Events loaded from the database per read; the queue is refilled below this.
 const PAGE: u32 = 1024;
 /// How often the outbox is read even without a wake-up, for events written by another
 /// process (`fleetwatch check`).
@@ -68,9 +75,10 @@ pub struct Publisher {
     outbox_changed: Arc<Notify>,
     metrics: Arc<Metrics>,
     clock: Clock,
-    /// Republish every device's current status first: set when the broker keeps no
-    /// retained messages across restarts (the embedded one).
+    /// A republish of current statuses in progress: the last device id loaded.
     republish: Option<Option<DeviceId>>,
+    /// The outbox may hold events past `cursor`.
+    outbox_dirty: bool,
     /// Highest outbox position loaded into `queue`.
     cursor: i64,
     queue: VecDeque<Pending>,
@@ -81,6 +89,7 @@ pub struct Publisher {
     /// Acknowledged outbox positions not yet marked in the database.
     acked: Vec<i64>,
     connected: bool,
+    draining: bool,
 }
 
 impl Publisher {
@@ -90,7 +99,6 @@ impl Publisher {
         outbox_changed: Arc<Notify>,
         metrics: Arc<Metrics>,
         clock: Clock,
-        republish_current: bool,
     ) -> Self {
         Self {
             endpoint,
@@ -98,60 +106,58 @@ impl Publisher {
             outbox_changed,
             metrics,
             clock,
-            republish: republish_current.then_some(None),
+            republish: None,
+            outbox_dirty: true,
             cursor: 0,
             queue: VecDeque::new(),
             inflight: VecDeque::new(),
             packet_ids: VecDeque::new(),
             acked: Vec::new(),
             connected: false,
+            draining: false,
         }
     }
 
     /// Publishes until `stop`, then delivers what is left for up to [`DRAIN_TIMEOUT`].
     /// Cancel `stop` only after every producer of events has stopped.
     pub async fn run(mut self, stop: CancellationToken) {
-        let mut options = self.endpoint.options("events");
+        let mut options = self.endpoint.options("events", super::EVENTS_KEEP_ALIVE);
         options.set_inflight(WINDOW);
         let (client, mut eventloop) = AsyncClient::new(options, usize::from(WINDOW));
         let mut tick = time::interval(MARK_EVERY);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut last_read = Instant::now();
-        let mut drain_deadline: Option<Instant> = None;
+        let mut last_poll = Instant::now();
+        let mut drain_deadline = far_future();
         let mut backoff = Backoff::new();
-        self.refill().await;
         loop {
             // The poll future lives across wake-ups: it is never dropped half-way
             // through writing a packet.
             let polled = {
                 let mut poll = pin!(eventloop.poll());
                 loop {
+                    self.refill().await;
                     self.send_ready(&client);
-                    if drain_deadline.is_some() && self.is_idle() {
+                    if self.draining && self.is_done() {
                         self.mark_acked().await;
                         let _ = client.try_disconnect();
                         let _ = time::timeout(Duration::from_millis(200), &mut poll).await;
                         return;
                     }
-                    let deadline = drain_deadline.unwrap_or_else(far_future);
                     tokio::select! {
                         polled = &mut poll => break polled,
-                        _ = self.outbox_changed.notified() => {
-                            self.refill().await;
-                            last_read = Instant::now();
-                        }
+                        _ = self.outbox_changed.notified() => self.outbox_dirty = true,
                         _ = tick.tick() => {
                             self.mark_acked().await;
-                            if last_read.elapsed() >= OUTBOX_POLL {
-                                self.refill().await;
-                                last_read = Instant::now();
+                            if last_poll.elapsed() >= OUTBOX_POLL {
+                                self.outbox_dirty = true;
+                                last_poll = Instant::now();
                             }
                         }
-                        _ = stop.cancelled(), if drain_deadline.is_none() => {
-                            drain_deadline = Some(Instant::now() + DRAIN_TIMEOUT);
-                            self.refill().await;
+                        _ = stop.cancelled(), if !self.draining => {
+                            self.start_draining();
+                            drain_deadline = Instant::now() + DRAIN_TIMEOUT;
                         }
-                        _ = time::sleep_until(deadline), if drain_deadline.is_some() => {
+                        _ = time::sleep_until(drain_deadline), if self.draining => {
                             self.give_up().await;
                             return;
                         }
@@ -161,16 +167,16 @@ impl Publisher {
             match polled {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff.reset();
-                    self.connected = true;
-                    tracing::info!(
-                        host = %self.endpoint.host,
-                        port = self.endpoint.port,
-                        pending = self.queue.len(),
-                        "status publisher connected"
-                    );
+                    self.connected().await;
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.packet_ids.push_back(pkid),
-                Ok(Event::Incoming(Packet::PubAck(ack))) => self.on_ack(ack.pkid),
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if !self.on_ack(ack.pkid) {
+                        // Our view of the stream is wrong: start the connection over.
+                        self.disconnected();
+                        let _ = client.try_disconnect();
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => {
                     // Anything buffered belongs to the dead connection.
@@ -178,13 +184,13 @@ impl Publisher {
                     self.disconnected();
                     let delay = backoff.next();
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, pending = self.queue.len(), "status publisher cannot reach the broker");
-                    let deadline = drain_deadline.unwrap_or_else(far_future);
                     tokio::select! {
                         _ = time::sleep(delay) => {}
-                        _ = stop.cancelled(), if drain_deadline.is_none() => {
-                            drain_deadline = Some(Instant::now() + DRAIN_TIMEOUT);
+                        _ = stop.cancelled(), if !self.draining => {
+                            self.start_draining();
+                            drain_deadline = Instant::now() + DRAIN_TIMEOUT;
                         }
-                        _ = time::sleep_until(deadline), if drain_deadline.is_some() => {
+                        _ = time::sleep_until(drain_deadline), if self.draining => {
                             self.give_up().await;
                             return;
                         }
@@ -194,8 +200,32 @@ impl Publisher {
         }
     }
 
-    fn is_idle(&self) -> bool {
-        self.queue.is_empty() && self.inflight.is_empty()
+    async fn connected(&mut self) {
+        self.connected = true;
+        // Acknowledged events must be marked before the republish reads what is
+        // published, or a device acknowledged but unmarked would be skipped.
+        self.mark_acked().await;
+        if !self.draining {
+            self.republish = Some(None);
+        }
+        tracing::info!(
+            host = %self.endpoint.host,
+            port = self.endpoint.port,
+            pending = self.queue.len(),
+            "status publisher connected"
+        );
+    }
+
+    fn start_draining(&mut self) {
+        self.draining = true;
+        // The next start republishes; what matters now is the outbox.
+        self.republish = None;
+        self.outbox_dirty = true;
+    }
+
+    /// Nothing left to send, in memory or in the outbox.
+    fn is_done(&self) -> bool {
+        self.queue.is_empty() && self.inflight.is_empty() && !self.outbox_dirty
     }
 
     /// Hands queued messages to rumqttc while connected and the window has room.
@@ -220,10 +250,16 @@ impl Publisher {
         }
     }
 
-    fn on_ack(&mut self, pkid: u16) {
+    /// Credits the oldest event in flight. False if the acknowledgement is not the
+    /// one expected next.
+    fn on_ack(&mut self, pkid: u16) -> bool {
+        if !self.connected {
+            return true;
+        }
         let expected = self.packet_ids.pop_front();
         if expected != Some(pkid) {
-            tracing::error!(pkid, expected = ?expected, "broker acknowledged events out of order");
+            tracing::error!(pkid, expected = ?expected, "broker acknowledged events out of order; sending them again");
+            return false;
         }
         if let Some(done) = self.inflight.pop_front() {
             self.metrics.events_published.fetch_add(1, Relaxed);
@@ -231,6 +267,7 @@ impl Publisher {
                 self.acked.push(seq);
             }
         }
+        true
     }
 
     /// Every unacknowledged send is lost with the connection: queue it again, in order.
@@ -242,21 +279,17 @@ impl Publisher {
         }
     }
 
-    /// Loads more to send when the queue runs low: the current statuses first if a
-    /// republish is due, then the outbox.
+    /// Loads more to send while the queue is below a page: current statuses first if
+    /// a republish is in progress, then the outbox.
     async fn refill(&mut self) {
-        while self.queue.len() < PAGE as usize {
-            let more = match self.republish.clone() {
-                Some(after) => self.load_current(after).await.map(|()| true),
-                None => self.load_outbox().await.map(|loaded| loaded > 0),
+        while self.queue.len() < PAGE as usize && (self.republish.is_some() || self.outbox_dirty) {
+            let loaded = match self.republish.clone() {
+                Some(after) => self.load_current(after).await,
+                None => self.load_outbox().await,
             };
-            match more {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not read the event outbox; retrying");
-                    break;
-                }
+            if let Err(e) = loaded {
+                tracing::warn!(error = %e, "could not read the event outbox; retrying");
+                return;
             }
         }
     }
@@ -275,16 +308,17 @@ impl Publisher {
         Ok(())
     }
 
-    async fn load_outbox(&mut self) -> Result<usize, StoreError> {
+    async fn load_outbox(&mut self) -> Result<(), StoreError> {
         let page = self.store.unpublished_events(self.cursor, PAGE).await?;
         if let Some(last) = page.last() {
             self.cursor = last.seq;
         }
+        self.outbox_dirty = page.len() == PAGE as usize;
         self.queue.extend(
             page.iter()
                 .map(|stored| Pending::new(stored, Some(stored.seq))),
         );
-        Ok(page.len())
+        Ok(())
     }
 
     async fn mark_acked(&mut self) {

@@ -4,22 +4,36 @@
 //! Overload policy: the queue is bounded and the subscriber waits for room. While it
 //! waits it stops reading from the broker, so the pressure travels back over TCP to
 //! the broker, which buffers or applies its own limits. The hub never drops a valid
-//! heartbeat it has read, and a heartbeat that waited is stamped with its (later)
-//! receipt time, which can delay an offline verdict but never cause a false one.
+//! heartbeat it has read. But heartbeats held back meanwhile are stamped late, so a
+//! wait longer than [`STALL`] counts as deafness, like a lost connection: the offline
+//! checker's grace starts again when reading resumes.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
+use std::time::Duration;
+
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::topic::{self, Kind};
-use super::{Backoff, Endpoint};
+use super::{Backoff, Endpoint, INGEST_KEEP_ALIVE};
 use crate::clock::{Clock, Timestamp};
 use crate::device::DeviceId;
 use crate::heartbeat::{Inbound, RejectLog, RejectReason, payload};
 use crate::metrics::Metrics;
+
+/// A wait for queue room longer than this makes the hub count as having not heard.
+pub const STALL: Duration = Duration::from_secs(1);
+/// Before asking again for a subscription the broker refused.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(10);
+
+fn filters() -> [SubscribeFilter; 2] {
+    [topic::HEARTBEAT_FILTER, topic::LWT_FILTER]
+        .map(|filter| SubscribeFilter::new(filter.to_string(), QoS::AtLeastOnce))
+}
 
 pub struct Subscriber {
     endpoint: Endpoint,
@@ -28,6 +42,8 @@ pub struct Subscriber {
     listening: watch::Sender<Option<Timestamp>>,
     metrics: Arc<Metrics>,
     rejects: RejectLog,
+    /// When a stall was last logged.
+    stall_logged: Option<Instant>,
 }
 
 impl Subscriber {
@@ -46,26 +62,36 @@ impl Subscriber {
             listening,
             metrics,
             rejects,
+            stall_logged: None,
         }
     }
 
     /// Runs until `shutdown`; dropping the queue sender on return tells the handler
     /// that no more messages will come.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let (client, mut eventloop) = AsyncClient::new(self.endpoint.options("ingest"), 16);
+        let options = self.endpoint.options("ingest", INGEST_KEEP_ALIVE);
+        let (client, mut eventloop) = AsyncClient::new(options, 16);
         let mut backoff = Backoff::new();
+        let mut resubscribe_at: Option<Instant> = None;
         loop {
+            let retry =
+                resubscribe_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(retry), if resubscribe_at.is_some() => {
+                    resubscribe_at = None;
+                    if let Err(e) = client.try_subscribe_many(filters()) {
+                        tracing::error!(error = %e, "could not request the heartbeat subscription");
+                    }
+                    continue;
+                }
                 event = eventloop.poll() => event,
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff.reset();
                     // Clean session: the subscription is gone after every reconnect.
-                    let filters = [topic::HEARTBEAT_FILTER, topic::LWT_FILTER]
-                        .map(|filter| SubscribeFilter::new(filter.to_string(), QoS::AtLeastOnce));
-                    if let Err(e) = client.try_subscribe_many(filters) {
+                    if let Err(e) = client.try_subscribe_many(filters()) {
                         tracing::error!(error = %e, "could not request the heartbeat subscription");
                     }
                 }
@@ -75,7 +101,12 @@ impl Subscriber {
                         .iter()
                         .any(|code| matches!(code, SubscribeReasonCode::Failure));
                     if refused {
-                        tracing::error!("the broker refused the heartbeat subscription");
+                        tracing::error!(
+                            retry_in_s = RESUBSCRIBE_AFTER.as_secs(),
+                            "the broker refused the subscription to devices/+/heartbeat or devices/+/lwt \
+                             (check its ACL); offline checks stay paused"
+                        );
+                        resubscribe_at = Some(Instant::now() + RESUBSCRIBE_AFTER);
                     } else {
                         self.listening.send_replace(Some(self.clock.now()));
                         tracing::info!(
@@ -106,10 +137,19 @@ impl Subscriber {
                 }
             }
         }
+        // Messages rumqttc has read (and acknowledged) but not yet handed out are
+        // queued too, or a Will could be lost at every shutdown.
+        for event in std::mem::take(&mut eventloop.state.events) {
+            if let Event::Incoming(Packet::Publish(publish)) = event
+                && !self.receive(publish).await
+            {
+                break;
+            }
+        }
         self.listening.send_replace(None);
         // Best effort: a clean DISCONNECT, so the broker does not wait out a keep-alive.
         let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), eventloop.poll()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
     }
 
     /// Validates one message and queues it. False when the handler is gone.
@@ -122,7 +162,37 @@ impl Subscriber {
             Inbound::Heartbeat { .. } => self.metrics.heartbeats_received.fetch_add(1, Relaxed),
             _ => self.metrics.wills_received.fetch_add(1, Relaxed),
         };
-        self.queue.send(message).await.is_ok()
+        let waited = Instant::now();
+        if self.queue.send(message).await.is_err() {
+            return false;
+        }
+        if waited.elapsed() > STALL {
+            self.stalled(waited.elapsed());
+        }
+        true
+    }
+
+    /// The handler fell behind long enough that heartbeats waited unread: restart the
+    /// grace, as after a reconnect.
+    fn stalled(&mut self, waited: Duration) {
+        let now = self.clock.now();
+        let restarted = self.listening.send_if_modified(|since| match since {
+            Some(since) => {
+                *since = now;
+                true
+            }
+            None => false,
+        });
+        let quiet = self
+            .stall_logged
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(10));
+        if restarted && !quiet {
+            self.stall_logged = Some(Instant::now());
+            tracing::warn!(
+                waited_ms = waited.as_millis() as u64,
+                "heartbeat intake stalled (the database is slower than the fleet); offline checks restart their grace"
+            );
+        }
     }
 
     fn validate(&mut self, publish: &Publish, at: Timestamp) -> Option<Inbound> {

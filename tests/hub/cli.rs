@@ -155,7 +155,8 @@ async fn an_embedded_broker_that_stops_accepting_stops_the_hub_with_a_clear_erro
         .await;
         assert!(outcome.is_err(), "{outcome:?}");
     }
-    let status = hub.wait().await;
+    // Five failed probes three seconds apart.
+    let status = hub.wait_up_to(Duration::from_secs(60)).await;
     assert_eq!(status.code(), Some(1), "{}", hub.log.join("\n"));
     let log = hub.log.join("\n");
     assert!(log.contains("no longer accepts new connections"), "{log}");

@@ -76,6 +76,8 @@ pub struct TestApp {
     pub db_path: std::path::PathBuf,
     pub metrics: Arc<Metrics>,
     pub store: Arc<dyn Store>,
+    /// Since when the hub has been subscribed (`None` while its connection is down).
+    pub listening: fleetwatch::checker::Listening,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -129,6 +131,7 @@ pub async fn start(settings: Settings, dir: tempfile::TempDir) -> TestApp {
         db_path,
         metrics,
         store,
+        listening,
         stop: Some(stop),
         task: Some(task),
         _dir: dir,

@@ -23,6 +23,7 @@ macro_rules! core_scenarios {
             a_device_beating_just_inside_offline_after_never_flaps,
             bad_input_is_rejected_counted_and_changes_nothing,
             events_committed_before_start_are_published,
+            a_backlog_larger_than_a_page_is_all_published,
         );
     };
     ($broker:expr => $($scenario:ident),+ $(,)?) => {

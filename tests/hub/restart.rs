@@ -76,7 +76,11 @@ impl HubProcess {
     }
 
     pub async fn wait(&mut self) -> ExitStatus {
-        let status = within(PATIENCE, "fleetwatch to exit", self.child.wait())
+        self.wait_up_to(PATIENCE).await
+    }
+
+    pub async fn wait_up_to(&mut self, limit: Duration) -> ExitStatus {
+        let status = within(limit, "fleetwatch to exit", self.child.wait())
             .await
             .expect("wait");
         // Read stderr to its end: lines may still be in flight when the process exits.
@@ -141,7 +145,8 @@ async fn sigkill_and_restart_lose_nothing_repeat_nothing_and_respect_the_grace()
     let mut hub = HubProcess::spawn(dir.path(), &[], &env);
     hub.wait_for_line("subscribed to device heartbeats").await;
     let mut watcher = StatusWatcher::connect(&url).await;
-    let beating = firmware_sim::SimDevice::start(
+    // Alive to the end: dropping it would fire its Will.
+    let _beating = firmware_sim::SimDevice::start(
         firmware_sim::DeviceConfig::new(url.clone(), "keeps-beating")
             .interval(Duration::from_millis(300)),
     )
@@ -165,6 +170,7 @@ async fn sigkill_and_restart_lose_nothing_repeat_nothing_and_respect_the_grace()
         .await;
 
     hub.kill().await;
+    let killed_at = fleetwatch::clock::Clock::new().now();
     drop(watcher);
     // The hub stays down for longer than offline_after: without the startup grace,
     // "keeps-beating" would be declared offline the moment it is back.
@@ -203,7 +209,19 @@ async fn sigkill_and_restart_lose_nothing_repeat_nothing_and_respect_the_grace()
         vec![],
         "no repeated offline event"
     );
-    assert!(beating.heartbeats_sent() > 0);
+    // The device really was heard again by the new hub.
+    let store = fleetwatch::storage::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .expect("store");
+    let heard = store
+        .device(&"keeps-beating".parse().expect("id"))
+        .await
+        .expect("read")
+        .and_then(|device| device.last_seen_at);
+    assert!(
+        heard.is_some_and(|seen| seen > killed_at),
+        "last heard {heard:?}, killed at {killed_at}"
+    );
 
     hub.terminate();
     let status = hub.wait().await;
@@ -214,9 +232,6 @@ async fn sigkill_and_restart_lose_nothing_repeat_nothing_and_respect_the_grace()
     );
 
     // Every committed event was published, and none twice under different ids.
-    let store = fleetwatch::storage::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .expect("store");
     assert_eq!(
         store.unpublished_events(0, 100).await.expect("read"),
         vec![]

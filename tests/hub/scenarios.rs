@@ -310,6 +310,8 @@ pub async fn bad_input_is_rejected_counted_and_changes_nothing(broker: Broker) {
 
     // A payload far over the broker's own limit: the broker refuses it (and drops the
     // sender); the hub's connection is not affected.
+    let subscribed_since = *app.listening.borrow();
+    let too_large = app.metrics.rejected(RejectReason::TooLarge);
     let flood = app.raw("flooder").await;
     let _ = flood
         .publish("devices/flood-1/heartbeat", vec![b' '; 1024 * 1024])
@@ -346,6 +348,16 @@ pub async fn bad_input_is_rejected_counted_and_changes_nothing(broker: Broker) {
         ids,
         vec!["good-1".to_string()],
         "no device created by bad input"
+    );
+    assert_eq!(
+        *app.listening.borrow(),
+        subscribed_since,
+        "the hub never lost its subscription"
+    );
+    assert_eq!(
+        app.metrics.rejected(RejectReason::TooLarge),
+        too_large,
+        "refused by the broker, never seen by the hub"
     );
     watcher.collect_for(BEAT * 2).await;
     assert_eq!(watcher.unread("good-1"), vec![]);
@@ -387,5 +399,36 @@ pub async fn events_committed_before_start_are_published(broker: Broker) {
             .is_empty()
     })
     .await;
+    app.stop().await;
+}
+
+pub async fn a_backlog_larger_than_a_page_is_all_published(broker: Broker) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = test_settings(&broker, &dir.path().join("fleetwatch.db"));
+    let store = fleetwatch::storage::connect(&settings.database.url)
+        .await
+        .expect("store");
+    let now = fleetwatch::clock::Clock::new().now();
+    for i in 0..3000 {
+        let id = format!("spare-{i:04}").parse().expect("valid id");
+        store.register(&id, now).await.expect("register");
+    }
+
+    // Stopped at once: the shutdown drain alone must deliver all three pages.
+    let app = start(settings.clone(), tempfile::tempdir().expect("tempdir")).await;
+    app.stop().await;
+    assert_eq!(store.unpublished_events(0, 10).await.expect("read"), vec![]);
+
+    // Every status is retained on the broker: a new embedded broker (fresh port, no
+    // retained messages) gets them all republished, paged.
+    let mut again = settings;
+    if matches!(broker, Broker::Embedded) {
+        again.mqtt.listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    }
+    let app = start(again, tempfile::tempdir().expect("tempdir")).await;
+    let mut watcher = app.watch().await;
+    watcher
+        .wait_for_count(Status::Provisioning, 3000, PATIENCE)
+        .await;
     app.stop().await;
 }
