@@ -96,9 +96,9 @@ async fn main() -> anyhow::Result<()> {
             fleet.stats.sent.load(Relaxed),
             metrics.heartbeats_received.load(Relaxed),
             metrics.flush_messages.load(Relaxed),
-            metrics.flush_rows.load(Relaxed),
-            metrics.flush.count.load(Relaxed),
-            metrics.flush.total_micros.load(Relaxed),
+            metrics.batch_rows.sum(),
+            metrics.flush.count(),
+            metrics.flush.sum(),
         )
     };
     let mut last = snapshot();

@@ -1,21 +1,35 @@
 //! The alert channel: where committed transitions go next.
 //!
-//! Producers (the heartbeat handler, the offline checker) call
+//! Producers (the heartbeat handler, the offline checker, the HTTP API) call
 //! [`AlertChannel::committed`] after their transaction commits. It logs each
-//! transition, counts it, and wakes the sinks, which read the durable outbox rather
-//! than this call, so an event committed just before a crash is still delivered.
+//! transition, counts it, and wakes the sinks. Durable sinks (the MQTT publisher) read
+//! the outbox rather than this call, so an event committed just before a crash is
+//! still delivered; live views (the dashboard) subscribe to [`AlertChannel::live`],
+//! which drops what a slow viewer cannot keep up with and tells it to reload.
 
 use std::sync::Arc;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
 
+use crate::device::DeviceId;
 use crate::event::StatusEvent;
 use crate::metrics::Metrics;
+
+/// Live updates kept for a slow viewer before it is told it missed some.
+const LIVE_BUFFER: usize = 4096;
+
+/// What live viewers are told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LiveUpdate {
+    Status(StatusEvent),
+    Deleted(DeviceId),
+}
 
 #[derive(Clone)]
 pub struct AlertChannel {
     metrics: Arc<Metrics>,
     outbox_changed: Arc<Notify>,
+    live: broadcast::Sender<LiveUpdate>,
 }
 
 impl AlertChannel {
@@ -23,7 +37,21 @@ impl AlertChannel {
         Self {
             metrics,
             outbox_changed: Arc::new(Notify::new()),
+            live: broadcast::channel(LIVE_BUFFER).0,
         }
+    }
+
+    /// A stream of updates from now on.
+    pub fn live(&self) -> broadcast::Receiver<LiveUpdate> {
+        self.live.subscribe()
+    }
+
+    /// A device was deleted: its tombstone is in the outbox.
+    pub fn deleted(&self, device: DeviceId) {
+        tracing::info!(device_id = %device, "device deleted");
+        self.outbox_changed.notify_one();
+        // Nobody watching is fine.
+        let _ = self.live.send(LiveUpdate::Deleted(device));
     }
 
     /// Notified whenever new events are committed to the outbox.
@@ -43,6 +71,9 @@ impl AlertChannel {
                 event_id = %event.event_id,
                 "device status changed"
             );
+            if self.live.receiver_count() > 0 {
+                let _ = self.live.send(LiveUpdate::Status(event.clone()));
+            }
         }
         if !events.is_empty() {
             self.outbox_changed.notify_one();

@@ -8,14 +8,19 @@
 //!                            OfflineChecker (flush, then mark_offline)
 //! ```
 //!
-//! Shutdown order: stop taking messages (subscriber) and checking; the handler drains
-//! the queue and commits its last batch; then the publisher delivers what is left.
+//! The HTTP server (API, dashboard, health, metrics) reads the store and feeds HTTP
+//! heartbeats into the same queue as MQTT ones.
+//!
+//! Shutdown order: stop taking messages (HTTP server, subscriber) and checking; the
+//! handler drains the queue and commits its last batch; then the publisher delivers
+//! what is left.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +30,7 @@ use crate::checker::{Listening, OfflineChecker};
 use crate::clock::{Clock, Timestamp};
 use crate::config::{BrokerMode, ConfigError, Settings};
 use crate::heartbeat::{FlushHandle, HeartbeatHandler};
+use crate::http::{self, Health, HttpState};
 use crate::metrics::Metrics;
 use crate::mqtt::broker::{BrokerError, EmbeddedBroker};
 use crate::mqtt::publisher::{DRAIN_TIMEOUT, Publisher};
@@ -40,6 +46,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error("http.listen {0}: {1}")]
+    Http(SocketAddr, std::io::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +62,7 @@ pub struct Application {
     endpoint: Endpoint,
     broker: Option<EmbeddedBroker>,
     listening: (watch::Sender<Option<Timestamp>>, Listening),
+    http: TcpListener,
 }
 
 impl Application {
@@ -64,6 +73,9 @@ impl Application {
     pub async fn build_with_clock(settings: Settings, clock: Clock) -> Result<Self, StartError> {
         settings.validate()?;
         let store = storage::connect(&settings.database.url).await?;
+        let http = TcpListener::bind(settings.http.listen)
+            .await
+            .map_err(|e| StartError::Http(settings.http.listen, e))?;
         let max_payload = settings.heartbeat.max_payload;
         let (broker, host, port, credentials) = match settings.mqtt.broker {
             BrokerMode::Embedded => {
@@ -100,6 +112,7 @@ impl Application {
             endpoint,
             broker,
             listening: watch::channel(None),
+            http,
         })
     }
 
@@ -115,6 +128,11 @@ impl Application {
     /// broker connection is down).
     pub fn listening(&self) -> Listening {
         self.listening.1.clone()
+    }
+
+    /// Where the HTTP server listens (the real port when configured with port 0).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.local_addr().ok()
     }
 
     /// The embedded broker's address, if the hub runs one.
@@ -135,6 +153,8 @@ impl Application {
         let ingest_stop = CancellationToken::new();
         let publish_stop = CancellationToken::new();
         let (listening_tx, listening) = self.listening;
+        let listening_for_http = listening.clone();
+        let queue_for_http = queue.clone();
 
         let handler = HeartbeatHandler::new(
             Arc::clone(&self.store),
@@ -173,6 +193,38 @@ impl Application {
             self.clock.clone(),
         );
         let mut publisher_task = tokio::spawn(publisher.run(publish_stop.clone()));
+
+        let keys = self.settings.http.keys();
+        if keys.is_empty() {
+            tracing::warn!(listen = %self.settings.http.listen, "the HTTP API has no API key: anyone who can reach this loopback address can use it");
+        }
+        let embedded = self.broker.as_ref().map(|broker| {
+            (
+                broker.local_addr(),
+                format!("{}-health", self.endpoint.client_id),
+            )
+        });
+        let closing = CancellationToken::new();
+        let (router, _) = http::router(HttpState {
+            store: Arc::clone(&self.store),
+            metrics: Arc::clone(&self.metrics),
+            clock: self.clock.clone(),
+            queue: queue_for_http,
+            alerts: alerts.clone(),
+            keys: keys.into(),
+            max_payload: hb.max_payload,
+            health: Arc::new(Health::new(embedded, listening_for_http)),
+            closing: closing.clone(),
+        });
+        let http_addr = self.http.local_addr().ok();
+        let mut http_task = tokio::spawn({
+            let closing = closing.clone();
+            async move {
+                if let Err(e) = http::serve(self.http, router, closing.cancelled_owned()).await {
+                    tracing::error!(error = %e, "the HTTP server failed");
+                }
+            }
+        });
         let probe_id = format!("{}-probe", self.endpoint.client_id);
         let broker_watch = async move {
             match self.broker {
@@ -184,6 +236,7 @@ impl Application {
         tracing::info!(
             broker = ?self.settings.mqtt.broker,
             mqtt = %format!("{}:{}", self.endpoint.host, self.endpoint.port),
+            http = ?http_addr,
             database = %self.settings.database.url,
             offline_after = %humantime::format_duration(hb.offline_after),
             "fleetwatch ready"
@@ -199,12 +252,15 @@ impl Application {
             _ = &mut checker_task => Some("offline checker"),
             _ = &mut handler_task => Some("heartbeat handler"),
             _ = &mut publisher_task => Some("status publisher"),
+            _ = &mut http_task => Some("HTTP server"),
         };
         if let Some(part) = failed {
             tracing::error!(part, "shutting down after a failure");
         }
         tracing::info!("shutting down: no new heartbeats, committing the last batch");
+        closing.cancel();
         ingest_stop.cancel();
+        settle(http_task).await;
         settle(subscriber_task).await;
         settle(checker_task).await;
         // Both queue senders are gone now: the handler drains what is queued and stops.

@@ -143,7 +143,7 @@ impl OfflineChecker {
                 _ = shutdown.cancelled() => return,
                 result = self.check_once() => result,
             };
-            self.metrics.check.record(started.elapsed());
+            self.metrics.check.observe_duration(started.elapsed());
             let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
             match result {
                 Ok(Pass::Checked(events)) => {
@@ -179,7 +179,7 @@ mod tests {
     use crate::heartbeat::Inbound;
     use crate::heartbeat::batch::DeviceUpdate;
     use crate::status::{Signal, Status, transition};
-    use crate::storage::Device;
+    use crate::storage::{Device, DeviceQuery, OutboxItem, Summary};
 
     /// Devices and their last_seen; `mark_offline` takes the overdue ones, once.
     #[derive(Default)]
@@ -212,7 +212,7 @@ mod tests {
         async fn register(&self, _: &DeviceId, _: Timestamp) -> Result<StatusEvent, StoreError> {
             unimplemented!("not used by the checker")
         }
-        async fn unpublished_events(&self, _: i64, _: u32) -> Result<Vec<StoredEvent>, StoreError> {
+        async fn unpublished(&self, _: i64, _: u32) -> Result<Vec<OutboxItem>, StoreError> {
             Ok(Vec::new())
         }
         async fn mark_published(&self, _: &[i64], _: Timestamp) -> Result<(), StoreError> {
@@ -228,11 +228,25 @@ mod tests {
         async fn device(&self, _: &DeviceId) -> Result<Option<Device>, StoreError> {
             Ok(None)
         }
-        async fn devices(&self, _: Option<Status>) -> Result<Vec<Device>, StoreError> {
+        async fn devices(&self, _: &DeviceQuery) -> Result<Vec<Device>, StoreError> {
             Ok(Vec::new())
         }
-        async fn events(&self, _: &DeviceId, _: u32) -> Result<Vec<StoredEvent>, StoreError> {
+        async fn events(
+            &self,
+            _: &DeviceId,
+            _: Option<i64>,
+            _: u32,
+        ) -> Result<Vec<StoredEvent>, StoreError> {
             Ok(Vec::new())
+        }
+        async fn summary(&self) -> Result<Summary, StoreError> {
+            Ok(Summary::default())
+        }
+        async fn delete(&self, _: &DeviceId, _: Timestamp) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
         }
     }
 

@@ -11,7 +11,7 @@ use crate::app::Application;
 use crate::clock::{Clock, Timestamp};
 use crate::config::Settings;
 use crate::status::Status;
-use crate::storage::{self, Device};
+use crate::storage::{self, Device, DeviceQuery};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -104,33 +104,25 @@ fn init_tracing() {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
+    // Listen for signals before anything starts: a SIGTERM that arrives while the hub
+    // is starting must stop it cleanly, not kill it.
+    let shutdown = shutdown_signal()?;
     let app = Application::build(settings).await?;
-    app.run_until_stopped(shutdown_signal()).await?;
+    app.run_until_stopped(shutdown).await?;
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Registers SIGINT and SIGTERM handlers now; the future resolves on either.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(stream) => Some(stream),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; use SIGINT to stop");
-            None
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
         }
-    };
-    let sigterm = async {
-        match terminate.as_mut() {
-            Some(stream) => {
-                stream.recv().await;
-            }
-            None => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        () = sigterm => tracing::info!("SIGTERM received"),
-    }
+    })
 }
 
 async fn check(settings: Settings) -> anyhow::Result<()> {
@@ -146,7 +138,21 @@ async fn check(settings: Settings) -> anyhow::Result<()> {
 
 async fn devices(settings: Settings, status: Option<Status>, json: bool) -> anyhow::Result<()> {
     let store = storage::connect(&settings.database.url).await?;
-    let devices = store.devices(status).await?;
+    let mut devices = Vec::new();
+    let mut query = DeviceQuery {
+        status,
+        limit: 1000,
+        ..DeviceQuery::default()
+    };
+    loop {
+        let page = store.devices(&query).await?;
+        let last = page.last().map(|device| device.device_id.clone());
+        devices.extend(page);
+        match last {
+            Some(last) => query.after = Some(last),
+            None => break,
+        }
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&devices)?);
         return Ok(());
@@ -216,6 +222,7 @@ mod tests {
             status_changed_at: Timestamp::from_unix_millis(0),
             registered_at: Timestamp::from_unix_millis(0),
             device_time: None,
+            clock_skew_ms: None,
             error: None,
             report: Default::default(),
         };

@@ -64,6 +64,25 @@ impl<'de> Deserialize<'de> for BrokerMode {
     }
 }
 
+/// A TOML array of strings, or one string of comma-separated values (as an
+/// environment variable gives it).
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<Secret>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrString {
+        List(Vec<String>),
+        String(String),
+    }
+    let items = match ListOrString::deserialize(deserializer)? {
+        ListOrString::List(items) => items,
+        ListOrString::String(text) if text.trim().is_empty() => Vec::new(),
+        ListOrString::String(text) => text.split(',').map(|s| s.trim().to_string()).collect(),
+    };
+    Ok(items.into_iter().map(Secret::new).collect())
+}
+
 /// Socket addresses with a message that shows the value and the expected form.
 mod address {
     use std::net::SocketAddr;
@@ -117,7 +136,19 @@ pub struct HeartbeatSettings {
 pub struct HttpSettings {
     #[serde(with = "address")]
     pub listen: SocketAddr,
+    /// The API key clients send as `Authorization: Bearer <key>`.
     pub api_key: Option<Secret>,
+    /// More accepted keys, for rotation: add the new key here, move clients over,
+    /// then retire the old one. (`FLEETWATCH_HTTP__API_KEYS=a,b` in the environment.)
+    #[serde(default, deserialize_with = "list_or_commas")]
+    pub api_keys: Vec<Secret>,
+}
+
+impl HttpSettings {
+    /// Every accepted key.
+    pub fn keys(&self) -> Vec<Secret> {
+        self.api_key.iter().chain(&self.api_keys).cloned().collect()
+    }
 }
 
 /// A value that never appears in logs or `Debug` output.
@@ -164,6 +195,7 @@ impl Default for Settings {
             http: HttpSettings {
                 listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
                 api_key: None,
+                api_keys: Vec::new(),
             },
         }
     }
@@ -263,6 +295,20 @@ impl Settings {
         }
         if self.mqtt.broker == BrokerMode::External {
             self.broker_url()?;
+        }
+        let keys = self.http.keys();
+        if keys.iter().any(|key| key.expose().trim().is_empty()) {
+            return Err(ConfigError::key("http.api_key", "must not be empty"));
+        }
+        if keys.is_empty() && !self.http.listen.ip().is_loopback() {
+            return Err(ConfigError::key(
+                "http.listen",
+                format!(
+                    "{} is reachable from the network but no http.api_key is set; set \
+                     FLEETWATCH_HTTP__API_KEY, or listen on 127.0.0.1",
+                    self.http.listen
+                ),
+            ));
         }
         if !self.database.url.starts_with("sqlite:") {
             return Err(ConfigError::key(
@@ -507,6 +553,8 @@ mod tests {
                 "FLEETWATCH_HEARTBEAT__OFFLINE_AFTER",
             ),
             ("FLEETWATCH_NOPE", "1", "FLEETWATCH_NOPE"),
+            ("FLEETWATCH_HTTP__LISTEN", "0.0.0.0:8080", "http.listen"),
+            ("FLEETWATCH_HTTP__API_KEY", "", "http.api_key"),
         ];
         for (var, value, named) in cases {
             let error = load(&[(var, value)]).expect_err(var).to_string();
@@ -522,6 +570,23 @@ mod tests {
         ];
         let error = load(&external).expect_err("bad url").to_string();
         assert!(error.contains("mqtt.url"), "{error}");
+    }
+
+    #[test]
+    fn api_keys_for_rotation_come_from_a_list() {
+        let settings = load(&[
+            ("FLEETWATCH_HTTP__API_KEY", "current"),
+            ("FLEETWATCH_HTTP__API_KEYS", "next,previous"),
+            ("FLEETWATCH_HTTP__LISTEN", "0.0.0.0:8080"),
+        ])
+        .expect("keys load");
+        let keys: Vec<_> = settings
+            .http
+            .keys()
+            .iter()
+            .map(|k| k.expose().to_string())
+            .collect();
+        assert_eq!(keys, ["current", "next", "previous"]);
     }
 
     #[test]

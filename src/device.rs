@@ -89,6 +89,19 @@ impl std::str::FromStr for DeviceId {
     }
 }
 
+impl utoipa::PartialSchema for DeviceId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"))
+            .examples(["pump-7"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for DeviceId {}
+
 impl serde::Serialize for DeviceId {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.0)

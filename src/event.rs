@@ -10,7 +10,7 @@ use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::status::{Reason, Status, Transition};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusEvent {
     pub event_id: Uuid,
     pub device_id: DeviceId,

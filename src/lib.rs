@@ -28,6 +28,7 @@ pub mod config;
 pub mod device;
 pub mod event;
 pub mod heartbeat;
+pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod status;

@@ -24,6 +24,8 @@ pub struct DeviceUpdate {
     pub last_seen: Option<Timestamp>,
     /// The device's clock in its latest heartbeat that carried one.
     pub device_time: Option<Timestamp>,
+    /// That clock minus the hub's at the same heartbeat's receipt, in ms.
+    pub clock_skew_ms: Option<i64>,
     /// Error text to store: `Some(None)` clears it (the latest heartbeat was ok),
     /// `None` keeps what is stored.
     pub error: Option<Option<String>>,
@@ -48,6 +50,7 @@ impl DeviceUpdate {
             steps: Vec::with_capacity(1),
             last_seen: None,
             device_time: None,
+            clock_skew_ms: None,
             error: None,
             report: Report::default(),
         }
@@ -77,8 +80,9 @@ impl DeviceUpdate {
         } = heartbeat;
         self.push(Signal::Heartbeat { healthy }, at);
         self.last_seen = Some(at);
-        if device_time.is_some() {
-            self.device_time = device_time;
+        if let Some(device_time) = device_time {
+            self.device_time = Some(device_time);
+            self.clock_skew_ms = Some(device_time.millis_since(at));
         }
         self.error = Some(if healthy { None } else { error });
         self.report.merge(report);
@@ -174,6 +178,7 @@ fn merge(mut older: DeviceUpdate, newer: DeviceUpdate) -> DeviceUpdate {
     }
     older.last_seen = newer.last_seen.or(older.last_seen);
     older.device_time = newer.device_time.or(older.device_time);
+    older.clock_skew_ms = newer.clock_skew_ms.or(older.clock_skew_ms);
     older.error = newer.error.or(older.error);
     older.report.merge(newer.report);
     older

@@ -12,9 +12,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{self, Instant, MissedTickBehavior};
 
-use super::Inbound;
 use super::batch::Batch;
+use super::{Inbound, Receipt};
 use crate::alerts::AlertChannel;
+use crate::device::DeviceId;
 use crate::metrics::Metrics;
 use crate::storage::Store;
 
@@ -57,6 +58,8 @@ pub struct HeartbeatHandler {
     alerts: AlertChannel,
     metrics: Arc<Metrics>,
     batch: Batch,
+    /// Heartbeats whose sender waits to hear they were committed.
+    receipts: Vec<(DeviceId, Receipt)>,
     flush_interval: Duration,
     max_batch: usize,
 }
@@ -74,6 +77,7 @@ impl HeartbeatHandler {
             alerts,
             metrics,
             batch: Batch::default(),
+            receipts: Vec::new(),
             flush_interval,
             max_batch: max_batch.max(1),
         }
@@ -113,7 +117,13 @@ impl HeartbeatHandler {
                 device,
                 at,
                 heartbeat,
-            } => self.batch.add_heartbeat(device, at, *heartbeat),
+                receipt,
+            } => {
+                if let Some(receipt) = receipt {
+                    self.receipts.push((device.clone(), receipt));
+                }
+                self.batch.add_heartbeat(device, at, *heartbeat);
+            }
             Inbound::ConnectionLost { device, at } => self.batch.add_connection_lost(device, at),
             Inbound::Flush { reply } => {
                 let result = self.flush().await;
@@ -132,10 +142,8 @@ impl HeartbeatHandler {
         let started = Instant::now();
         match self.store.apply(&updates).await {
             Ok(events) => {
-                self.metrics.flush.record(started.elapsed());
-                self.metrics
-                    .flush_rows
-                    .fetch_add(updates.len() as u64, Relaxed);
+                self.metrics.flush.observe_duration(started.elapsed());
+                self.metrics.batch_rows.observe(updates.len() as u64);
                 self.metrics.flush_messages.fetch_add(messages, Relaxed);
                 tracing::trace!(
                     devices = updates.len(),
@@ -145,6 +153,12 @@ impl HeartbeatHandler {
                     "batch committed"
                 );
                 self.alerts.committed(&events);
+                for (device, receipt) in self.receipts.drain(..) {
+                    let registered = events
+                        .iter()
+                        .any(|e| e.device_id == device && e.previous_status.is_none());
+                    let _ = receipt.send(Ok(registered));
+                }
                 Ok(())
             }
             Err(e) => {

@@ -18,6 +18,9 @@ pub use handler::{FlushError, FlushHandle, HeartbeatHandler};
 pub use payload::{Heartbeat, PayloadError, Report};
 pub use reject::{RejectLog, RejectReason};
 
+/// Answers an HTTP heartbeat once committed: `Ok(true)` if it registered the device.
+pub type Receipt = oneshot::Sender<Result<bool, FlushError>>;
+
 /// A message for the heartbeat handler, in the order it was received.
 #[derive(Debug)]
 pub enum Inbound {
@@ -27,6 +30,8 @@ pub enum Inbound {
         device: DeviceId,
         at: Timestamp,
         heartbeat: Box<Heartbeat>,
+        /// Answered once the heartbeat is committed (HTTP heartbeats wait for it).
+        receipt: Option<Receipt>,
     },
     /// The broker published the device's Last Will.
     ConnectionLost { device: DeviceId, at: Timestamp },

@@ -37,7 +37,7 @@ pub struct Heartbeat {
 }
 
 /// What a device reports about itself. Fields it leaves out keep their stored value.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Report {
     pub uptime_seconds: Option<u64>,
     pub free_memory: Option<u64>,
@@ -73,7 +73,7 @@ fn overlay<T>(slot: &mut Option<T>, newer: Option<T>) {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OsInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distribution: Option<String>,

@@ -34,9 +34,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Backoff, Endpoint, topic};
 use crate::clock::Clock;
 use crate::device::DeviceId;
-use crate::event::StoredEvent;
+use crate::event::StatusEvent;
 use crate::metrics::Metrics;
-use crate::storage::{Store, StoreError};
+use crate::storage::{OutboxEntry, OutboxItem, Store, StoreError};
 
 /// Events in flight at once (rumqttc's inflight limit and request channel size).
 const WINDOW: u16 = 256;
@@ -60,11 +60,23 @@ struct Pending {
 }
 
 impl Pending {
-    fn new(stored: &StoredEvent, seq: Option<i64>) -> Self {
+    fn status(event: &StatusEvent, seq: Option<i64>) -> Self {
         Self {
             seq,
-            topic: topic::status(stored.event.device_id.as_str()),
-            payload: stored.event.to_json(),
+            topic: topic::status(event.device_id.as_str()),
+            payload: event.to_json(),
+        }
+    }
+
+    fn outbox(item: &OutboxItem) -> Self {
+        match &item.entry {
+            OutboxEntry::Status(event) => Self::status(event, Some(item.seq)),
+            // An empty retained message deletes the retained status.
+            OutboxEntry::Clear(device) => Self {
+                seq: Some(item.seq),
+                topic: topic::status(device.as_str()),
+                payload: Vec::new(),
+            },
         }
     }
 }
@@ -303,21 +315,20 @@ impl Publisher {
                 None
             }
         };
-        self.queue
-            .extend(page.iter().map(|stored| Pending::new(stored, None)));
+        self.queue.extend(
+            page.iter()
+                .map(|stored| Pending::status(&stored.event, None)),
+        );
         Ok(())
     }
 
     async fn load_outbox(&mut self) -> Result<(), StoreError> {
-        let page = self.store.unpublished_events(self.cursor, PAGE).await?;
+        let page = self.store.unpublished(self.cursor, PAGE).await?;
         if let Some(last) = page.last() {
             self.cursor = last.seq;
         }
         self.outbox_dirty = page.len() == PAGE as usize;
-        self.queue.extend(
-            page.iter()
-                .map(|stored| Pending::new(stored, Some(stored.seq))),
-        );
+        self.queue.extend(page.iter().map(Pending::outbox));
         Ok(())
     }
 

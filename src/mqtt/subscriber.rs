@@ -226,6 +226,7 @@ impl Subscriber {
                     device,
                     at,
                     heartbeat: Box::new(heartbeat),
+                    receipt: None,
                 }),
                 Err(e) => {
                     self.rejects.reject(e.reason(), topic, &e);

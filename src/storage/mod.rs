@@ -19,7 +19,7 @@ use crate::heartbeat::batch::DeviceUpdate;
 use crate::status::Status;
 
 /// A device as stored.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Device {
     pub device_id: DeviceId,
     pub status: Status,
@@ -30,6 +30,8 @@ pub struct Device {
     pub registered_at: Timestamp,
     /// The device's own clock in its latest heartbeat that carried one.
     pub device_time: Option<Timestamp>,
+    /// That clock minus the hub's when the heartbeat arrived, in milliseconds.
+    pub clock_skew_ms: Option<i64>,
     pub error: Option<String>,
     #[serde(flatten)]
     pub report: Report,
@@ -54,14 +56,10 @@ pub trait Store: Send + Sync + 'static {
     /// Registers a device an operator expects (status provisioning).
     async fn register(&self, id: &DeviceId, now: Timestamp) -> Result<StatusEvent, StoreError>;
 
-    /// Unpublished events after `after_seq`, oldest first.
-    async fn unpublished_events(
-        &self,
-        after_seq: i64,
-        limit: u32,
-    ) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Unpublished outbox entries after `after_seq`, oldest first.
+    async fn unpublished(&self, after_seq: i64, limit: u32) -> Result<Vec<OutboxItem>, StoreError>;
 
-    /// Records that the broker acknowledged these events.
+    /// Records that the broker acknowledged these outbox entries.
     async fn mark_published(&self, seqs: &[i64], at: Timestamp) -> Result<(), StoreError>;
 
     /// The latest event of each device, by device id after `after`, if it has been
@@ -75,11 +73,85 @@ pub trait Store: Send + Sync + 'static {
 
     async fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError>;
 
-    /// Devices ordered by id, optionally of one status.
-    async fn devices(&self, status: Option<Status>) -> Result<Vec<Device>, StoreError>;
+    /// A page of devices in id order.
+    async fn devices(&self, query: &DeviceQuery) -> Result<Vec<Device>, StoreError>;
 
-    /// A device's events, newest first.
-    async fn events(&self, id: &DeviceId, limit: u32) -> Result<Vec<StoredEvent>, StoreError>;
+    /// A page of a device's events, newest first, older than `before_seq`.
+    async fn events(
+        &self,
+        id: &DeviceId,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Devices per status.
+    async fn summary(&self) -> Result<Summary, StoreError>;
+
+    /// Forgets a device and its history, and queues the clearing of its retained
+    /// status behind anything already in the outbox.
+    async fn delete(&self, id: &DeviceId, now: Timestamp) -> Result<(), StoreError>;
+
+    /// A trivial query: the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Which devices to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceQuery {
+    pub status: Option<Status>,
+    /// Only ids starting with this (case-sensitive).
+    pub prefix: Option<String>,
+    /// Only ids after this one: the cursor of the previous page.
+    pub after: Option<DeviceId>,
+    pub limit: u32,
+}
+
+/// Device counts per status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Summary {
+    pub provisioning: u64,
+    pub online: u64,
+    pub offline: u64,
+    pub error: u64,
+}
+
+impl Summary {
+    pub fn total(&self) -> u64 {
+        self.provisioning + self.online + self.offline + self.error
+    }
+
+    pub fn count(&self, status: Status) -> u64 {
+        match status {
+            Status::Provisioning => self.provisioning,
+            Status::Online => self.online,
+            Status::Offline => self.offline,
+            Status::Error => self.error,
+        }
+    }
+
+    fn slot(&mut self, status: Status) -> &mut u64 {
+        match status {
+            Status::Provisioning => &mut self.provisioning,
+            Status::Online => &mut self.online,
+            Status::Offline => &mut self.offline,
+            Status::Error => &mut self.error,
+        }
+    }
+}
+
+/// What the publisher sends for one outbox entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboxEntry {
+    /// A status event, published retained.
+    Status(StatusEvent),
+    /// An empty retained message: the device was deleted.
+    Clear(DeviceId),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    pub seq: i64,
+    pub entry: OutboxEntry,
 }
 
 /// Opens the store `url` names and runs its migrations.

@@ -24,7 +24,7 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
-use super::{Device, Store, StoreError};
+use super::{Device, DeviceQuery, OutboxEntry, OutboxItem, Store, StoreError, Summary};
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
@@ -77,6 +77,7 @@ struct DeviceRow<'a> {
     seen: Option<i64>,
     changed: i64,
     device_time: Option<i64>,
+    clock_skew_ms: Option<i64>,
     error: Option<&'a str>,
     report: &'a Report,
 }
@@ -151,8 +152,8 @@ const SELECT_CURRENT: &str = "SELECT device_id, status, last_seen_at, status_cha
      FROM devices WHERE device_id IN (SELECT value FROM json_each(?1))";
 
 const INSERT_DEVICES: &str = "INSERT INTO devices (device_id, status, last_seen_at, \
-     first_seen_at, status_changed_at, registered_at, device_time, error, uptime_seconds, \
-     free_memory, firmware_version, hostname, os_info, metrics) ";
+     first_seen_at, status_changed_at, registered_at, device_time, clock_skew_ms, error, \
+     uptime_seconds, free_memory, firmware_version, hostname, os_info, metrics) ";
 
 const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
          status = excluded.status, \
@@ -160,6 +161,7 @@ const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
          first_seen_at = coalesce(devices.first_seen_at, excluded.first_seen_at), \
          status_changed_at = excluded.status_changed_at, \
          device_time = coalesce(excluded.device_time, devices.device_time), \
+         clock_skew_ms = coalesce(excluded.clock_skew_ms, devices.clock_skew_ms), \
          error = excluded.error, \
          uptime_seconds = coalesce(excluded.uptime_seconds, devices.uptime_seconds), \
          free_memory = coalesce(excluded.free_memory, devices.free_memory), \
@@ -168,18 +170,19 @@ const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
          os_info = coalesce(excluded.os_info, devices.os_info), \
          metrics = coalesce(excluded.metrics, devices.metrics)";
 
-/// `column1..column11` of the VALUES list: id, status, seen, device_time, error, then
-/// the six report columns.
+/// `column1..column12` of the VALUES list: id, status, seen, device_time,
+/// clock_skew_ms, error, then the six report columns.
 const REFRESH_STEADY: &str = "UPDATE devices SET \
          last_seen_at = coalesce(v.column3, devices.last_seen_at), \
          device_time = coalesce(v.column4, devices.device_time), \
-         error = v.column5, \
-         uptime_seconds = coalesce(v.column6, devices.uptime_seconds), \
-         free_memory = coalesce(v.column7, devices.free_memory), \
-         firmware_version = coalesce(v.column8, devices.firmware_version), \
-         hostname = coalesce(v.column9, devices.hostname), \
-         os_info = coalesce(v.column10, devices.os_info), \
-         metrics = coalesce(v.column11, devices.metrics) \
+         clock_skew_ms = coalesce(v.column5, devices.clock_skew_ms), \
+         error = v.column6, \
+         uptime_seconds = coalesce(v.column7, devices.uptime_seconds), \
+         free_memory = coalesce(v.column8, devices.free_memory), \
+         firmware_version = coalesce(v.column9, devices.firmware_version), \
+         hostname = coalesce(v.column10, devices.hostname), \
+         os_info = coalesce(v.column11, devices.os_info), \
+         metrics = coalesce(v.column12, devices.metrics) \
      FROM (";
 
 const REFRESH_STEADY_WHERE: &str = ") AS v \
@@ -199,10 +202,13 @@ macro_rules! event_columns {
 macro_rules! device_columns {
     () => {
         "device_id, status, last_seen_at, first_seen_at, status_changed_at, registered_at, \
-         device_time, error, uptime_seconds, free_memory, firmware_version, hostname, os_info, \
-         metrics"
+         device_time, clock_skew_ms, error, uptime_seconds, free_memory, firmware_version, \
+         hostname, os_info, metrics"
     };
 }
+
+/// The `reason` of a tombstone row: see migration 2.
+const TOMBSTONE: &str = "deleted";
 
 /// Largest chunk of rows per statement: 1024 rows of 14 columns stay well under
 /// SQLite's 32,766 bound parameters.
@@ -245,6 +251,7 @@ async fn upsert_devices(
                 .push_bind(row.changed)
                 .push_bind(row.changed)
                 .push_bind(row.device_time)
+                .push_bind(row.clock_skew_ms)
                 .push_bind(row.error.map(str::to_string));
             report.bind(&mut values);
         });
@@ -277,6 +284,7 @@ async fn refresh_steady(
                     .push_bind(status.as_str())
                     .push_bind(update.last_seen.map(Timestamp::unix_millis))
                     .push_bind(update.device_time.map(Timestamp::unix_millis))
+                    .push_bind(update.clock_skew_ms)
                     .push_bind(update.error.clone().flatten());
                 report.bind(&mut values);
             },
@@ -401,6 +409,7 @@ impl Store for SqliteStore {
                 seen: update.last_seen.map(Timestamp::unix_millis),
                 changed,
                 device_time: update.device_time.map(Timestamp::unix_millis),
+                clock_skew_ms: update.clock_skew_ms,
                 error,
                 report: &update.report,
             });
@@ -473,11 +482,7 @@ impl Store for SqliteStore {
         Ok(event)
     }
 
-    async fn unpublished_events(
-        &self,
-        after_seq: i64,
-        limit: u32,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn unpublished(&self, after_seq: i64, limit: u32) -> Result<Vec<OutboxItem>, StoreError> {
         sqlx::query(concat!(
             "SELECT ",
             event_columns!(),
@@ -488,7 +493,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(stored_event)
+        .map(outbox_item)
         .collect()
     }
 
@@ -545,33 +550,103 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    async fn devices(&self, status: Option<Status>) -> Result<Vec<Device>, StoreError> {
-        sqlx::query(concat!(
+    async fn devices(&self, query: &DeviceQuery) -> Result<Vec<Device>, StoreError> {
+        // One statement shape per combination of filters, so each can use its index:
+        // (status, device_id) for a status, the primary key for prefixes and paging.
+        let mut sql = QueryBuilder::<Sqlite>::new(concat!(
             "SELECT ",
             device_columns!(),
-            " FROM devices WHERE ?1 IS NULL OR status = ?1 ORDER BY device_id"
-        ))
-        .bind(status.map(Status::as_str))
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(device)
-        .collect()
+            " FROM devices WHERE true"
+        ));
+        if let Some(status) = query.status {
+            sql.push(" AND status = ").push_bind(status.as_str());
+        }
+        if let Some(prefix) = &query.prefix {
+            // Every id character sorts below '~', so [prefix, prefix + "~") is the range.
+            sql.push(" AND device_id >= ")
+                .push_bind(prefix.clone())
+                .push(" AND device_id < ")
+                .push_bind(format!("{prefix}~"));
+        }
+        if let Some(after) = &query.after {
+            sql.push(" AND device_id > ").push_bind(after.to_string());
+        }
+        sql.push(" ORDER BY device_id LIMIT ")
+            .push_bind(query.limit);
+        sql.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(device)
+            .collect()
     }
 
-    async fn events(&self, id: &DeviceId, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn events(
+        &self,
+        id: &DeviceId,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         sqlx::query(concat!(
             "SELECT ",
             event_columns!(),
-            " FROM status_events WHERE device_id = ?1 ORDER BY seq DESC LIMIT ?2"
+            " FROM status_events WHERE device_id = ?1 AND seq < ?2 AND reason <> 'deleted' \
+             ORDER BY seq DESC LIMIT ?3"
         ))
         .bind(id.as_str())
+        .bind(before_seq.unwrap_or(i64::MAX))
         .bind(limit)
         .fetch_all(&self.pool)
         .await?
         .iter()
         .map(stored_event)
         .collect()
+    }
+
+    async fn summary(&self) -> Result<Summary, StoreError> {
+        let mut summary = Summary::default();
+        for row in sqlx::query("SELECT status, count(*) AS n FROM devices GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?
+        {
+            let count: i64 = row.try_get("n")?;
+            *summary.slot(parse_status(&row, "status")?) = u64::try_from(count).unwrap_or(0);
+        }
+        Ok(summary)
+    }
+
+    async fn delete(&self, id: &DeviceId, now: Timestamp) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        let status: Option<String> =
+            sqlx::query_scalar("DELETE FROM devices WHERE device_id = ?1 RETURNING status")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(status) = status else {
+            return Err(StoreError::NotFound(id.clone()));
+        };
+        sqlx::query("DELETE FROM status_events WHERE device_id = ?1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO status_events (event_id, device_id, status, reason, changed_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(Uuid::now_v7().to_string())
+        .bind(id.as_str())
+        .bind(status)
+        .bind(TOMBSTONE)
+        .bind(now.unix_millis())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 }
 
@@ -608,6 +683,17 @@ fn json_column<T: serde::de::DeserializeOwned>(
         .transpose()
 }
 
+fn outbox_item(row: &SqliteRow) -> Result<OutboxItem, StoreError> {
+    let seq = row.try_get("seq")?;
+    let reason: String = row.try_get("reason")?;
+    let entry = if reason == TOMBSTONE {
+        OutboxEntry::Clear(parse_device_id(row, "device_id")?)
+    } else {
+        OutboxEntry::Status(stored_event(row)?.event)
+    };
+    Ok(OutboxItem { seq, entry })
+}
+
 fn stored_event(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
     let event_id: String = row.try_get("event_id")?;
     let previous: Option<String> = row.try_get("previous_status")?;
@@ -640,6 +726,7 @@ fn device(row: &SqliteRow) -> Result<Device, StoreError> {
         status_changed_at: required_timestamp(row, "status_changed_at")?,
         registered_at: required_timestamp(row, "registered_at")?,
         device_time: timestamp(row, "device_time")?,
+        clock_skew_ms: row.try_get("clock_skew_ms")?,
         error: row.try_get("error")?,
         report: Report {
             uptime_seconds: unsigned("uptime_seconds")?,
@@ -691,6 +778,16 @@ mod tests {
         let mut batch = Batch::default();
         fill(&mut batch);
         store.apply(&batch.take()).await.expect("apply")
+    }
+
+    fn outbox_statuses(items: &[OutboxItem]) -> Vec<(String, Status)> {
+        items
+            .iter()
+            .filter_map(|item| match &item.entry {
+                OutboxEntry::Status(e) => Some((e.device_id.to_string(), e.status)),
+                OutboxEntry::Clear(_) => None,
+            })
+            .collect()
     }
 
     fn statuses(events: &[StoredEvent]) -> Vec<(String, Status)> {
@@ -973,9 +1070,9 @@ mod tests {
         .await;
         store.register(&id("b"), at(3_000)).await.expect("register");
 
-        let pending = store.unpublished_events(0, 10).await.expect("read");
+        let pending = store.unpublished(0, 10).await.expect("read");
         assert_eq!(
-            statuses(&pending),
+            outbox_statuses(&pending),
             vec![
                 ("a".into(), Status::Online),
                 ("a".into(), Status::Error),
@@ -988,15 +1085,154 @@ mod tests {
             .mark_published(&[pending[0].seq], at(4_000))
             .await
             .expect("mark");
-        let left = store.unpublished_events(0, 10).await.expect("read");
+        let left = store.unpublished(0, 10).await.expect("read");
         assert_eq!(left, pending[1..].to_vec());
         assert_eq!(
-            store
-                .unpublished_events(pending[1].seq, 10)
-                .await
-                .expect("read"),
+            store.unpublished(pending[1].seq, 10).await.expect("read"),
             pending[2..].to_vec()
         );
+    }
+
+    #[tokio::test]
+    async fn a_deleted_device_leaves_only_a_tombstone_in_the_outbox() {
+        let (store, _dir) = store().await;
+        apply(&store, |b| {
+            b.add_heartbeat(id("gone"), at(1_000), beat(true, None))
+        })
+        .await;
+        apply(&store, |b| {
+            b.add_heartbeat(id("kept"), at(1_000), beat(true, None))
+        })
+        .await;
+        store.delete(&id("gone"), at(2_000)).await.expect("delete");
+
+        assert_eq!(store.device(&id("gone")).await.expect("read"), None);
+        assert_eq!(
+            store.events(&id("gone"), None, 10).await.expect("read"),
+            vec![]
+        );
+        let outbox: Vec<_> = store
+            .unpublished(0, 10)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|i| i.entry)
+            .collect();
+        assert!(
+            matches!(&outbox[..], [OutboxEntry::Status(e), OutboxEntry::Clear(g)]
+            if e.device_id.as_str() == "kept" && g.as_str() == "gone"),
+            "{outbox:?}"
+        );
+        assert!(matches!(
+            store.delete(&id("gone"), at(3_000)).await,
+            Err(StoreError::NotFound(_))
+        ));
+
+        // A device that comes back starts over, after its tombstone.
+        let events = apply(&store, |b| {
+            b.add_heartbeat(id("gone"), at(4_000), beat(true, None))
+        })
+        .await;
+        assert_eq!(
+            summary(&events),
+            vec![("gone".into(), None, Status::Online, Reason::Registered)]
+        );
+        let outbox = store.unpublished(0, 10).await.expect("read");
+        assert!(
+            matches!(&outbox.last().map(|i| &i.entry), Some(OutboxEntry::Status(e)) if e.reason == Reason::Registered)
+        );
+    }
+
+    #[tokio::test]
+    async fn devices_page_by_id_with_status_and_prefix_filters() {
+        let (store, _dir) = store().await;
+        apply(&store, |b| {
+            for name in ["pump-1", "pump-2", "pump-3", "valve-1", "valve-2"] {
+                b.add_heartbeat(id(name), at(1_000), beat(!name.ends_with('2'), None));
+            }
+        })
+        .await;
+        let page = |query: DeviceQuery| {
+            let store = &store;
+            async move {
+                store
+                    .devices(&query)
+                    .await
+                    .expect("list")
+                    .into_iter()
+                    .map(|d| d.device_id.to_string())
+                    .collect::<Vec<_>>()
+            }
+        };
+        let q = |status, prefix: Option<&str>, after: Option<&str>, limit| DeviceQuery {
+            status,
+            prefix: prefix.map(str::to_string),
+            after: after.map(id),
+            limit,
+        };
+        assert_eq!(page(q(None, None, None, 2)).await, ["pump-1", "pump-2"]);
+        assert_eq!(
+            page(q(None, None, Some("pump-2"), 2)).await,
+            ["pump-3", "valve-1"]
+        );
+        assert_eq!(
+            page(q(None, Some("valve"), None, 10)).await,
+            ["valve-1", "valve-2"]
+        );
+        assert_eq!(
+            page(q(Some(Status::Error), None, None, 10)).await,
+            ["pump-2", "valve-2"]
+        );
+        assert_eq!(
+            page(q(Some(Status::Online), Some("pump"), Some("pump-1"), 10)).await,
+            ["pump-3"]
+        );
+        assert_eq!(
+            page(q(None, Some("pumpkin"), None, 10)).await,
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            store.summary().await.expect("summary"),
+            Summary {
+                online: 3,
+                error: 2,
+                ..Summary::default()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn history_pages_newest_first() {
+        let (store, _dir) = store().await;
+        for (ms, healthy) in [(1_000, true), (2_000, false), (3_000, true), (4_000, false)] {
+            apply(&store, |b| {
+                b.add_heartbeat(id("a"), at(ms), beat(healthy, None))
+            })
+            .await;
+        }
+        let first = store.events(&id("a"), None, 2).await.expect("read");
+        let times: Vec<_> = first.iter().map(|e| e.event.changed_at).collect();
+        assert_eq!(times, [at(4_000), at(3_000)]);
+        let rest = store
+            .events(&id("a"), Some(first[1].seq), 10)
+            .await
+            .expect("read");
+        let times: Vec<_> = rest.iter().map(|e| e.event.changed_at).collect();
+        assert_eq!(times, [at(2_000), at(1_000)]);
+    }
+
+    #[tokio::test]
+    async fn clock_skew_is_kept_from_the_latest_timestamped_heartbeat() {
+        let (store, _dir) = store().await;
+        let mut ahead = beat(true, None);
+        ahead.device_time = Some(at(1_000 + 2_500));
+        apply(&store, |b| b.add_heartbeat(id("a"), at(1_000), ahead)).await;
+        apply(&store, |b| {
+            b.add_heartbeat(id("a"), at(2_000), beat(true, None))
+        })
+        .await;
+        let device = store.device(&id("a")).await.expect("read").expect("exists");
+        assert_eq!(device.clock_skew_ms, Some(2_500));
     }
 
     #[tokio::test]
@@ -1013,7 +1249,7 @@ mod tests {
         .await;
         store.register(&id("c"), at(3_000)).await.expect("register");
         let all: Vec<i64> = store
-            .unpublished_events(0, 10)
+            .unpublished(0, 10)
             .await
             .expect("read")
             .iter()

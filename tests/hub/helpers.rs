@@ -57,6 +57,7 @@ pub fn test_settings(broker: &Broker, db: &std::path::Path) -> Settings {
     settings.heartbeat.offline_after = OFFLINE_AFTER;
     settings.heartbeat.check_interval = Duration::from_millis(100);
     settings.heartbeat.flush_interval = Duration::from_millis(50);
+    settings.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     match broker {
         Broker::Embedded => {
             settings.mqtt.broker = BrokerMode::Embedded;

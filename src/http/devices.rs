@@ -1,0 +1,330 @@
+//! `/api/v1/devices...`: the fleet as JSON, registration and deletion, transition
+//! history, and the HTTP heartbeat for agents that cannot speak MQTT.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering::Relaxed;
+use tokio::sync::oneshot;
+use utoipa::{IntoParams, ToSchema};
+
+use super::HttpState;
+use super::error::{ApiError, ErrorBody, from_rejection};
+use crate::device::DeviceId;
+use crate::event::StatusEvent;
+use crate::heartbeat::{Inbound, PayloadError, payload};
+use crate::status::Status;
+use crate::storage::{Device, DeviceQuery, Summary};
+
+/// Devices per page unless `limit` says otherwise, and the most it may say.
+const DEFAULT_LIMIT: u32 = 100;
+const MAX_LIMIT: u32 = 1000;
+/// How long an HTTP heartbeat may wait for room in the queue and for its commit.
+const HEARTBEAT_WAIT: Duration = Duration::from_secs(10);
+
+fn device_id(text: &str) -> Result<DeviceId, ApiError> {
+    DeviceId::parse(text).map_err(|e| ApiError::Unprocessable(format!("{text:?}: {e}")))
+}
+
+fn limit(requested: Option<u32>) -> Result<u32, ApiError> {
+    match requested.unwrap_or(DEFAULT_LIMIT) {
+        0 => Err(ApiError::BadRequest("limit must be at least 1".into())),
+        n => Ok(n.min(MAX_LIMIT)),
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Only devices with this status.
+    status: Option<Status>,
+    /// Only devices whose id starts with this (case-sensitive).
+    prefix: Option<String>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Devices per page (1 to 1000, default 100).
+    limit: Option<u32>,
+}
+
+/// A page of devices, in id order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeviceList {
+    devices: Vec<Device>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    next_cursor: Option<String>,
+}
+
+/// List devices, a page at a time.
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", params(ListParams),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "A page of devices", body = DeviceList),
+        (status = 400, description = "Bad query parameter", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 503, description = "Database not answering", body = ErrorBody),
+    ))]
+pub async fn list(
+    State(state): State<HttpState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<DeviceList>, ApiError> {
+    let Query(params) = params.map_err(from_rejection)?;
+    let limit = limit(params.limit)?;
+    let after = params
+        .cursor
+        .as_deref()
+        .map(|cursor| {
+            DeviceId::parse(cursor).map_err(|_| ApiError::BadRequest("invalid cursor".into()))
+        })
+        .transpose()?;
+    let mut devices = state
+        .store
+        .devices(&DeviceQuery {
+            status: params.status,
+            prefix: params.prefix,
+            after,
+            limit: limit + 1,
+        })
+        .await?;
+    let next_cursor = if devices.len() > limit as usize {
+        devices.truncate(limit as usize);
+        devices.last().map(|d| d.device_id.to_string())
+    } else {
+        None
+    };
+    Ok(Json(DeviceList {
+        devices,
+        next_cursor,
+    }))
+}
+
+/// One device.
+#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices",
+    params(("id" = String, Path, description = "Device id")),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The device", body = Device),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 422, description = "Not a valid device id", body = ErrorBody),
+        (status = 503, description = "Database not answering", body = ErrorBody),
+    ))]
+pub async fn get(
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+) -> Result<Json<Device>, ApiError> {
+    let id = device_id(&id)?;
+    state
+        .store
+        .device(&id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("device {id} not found")))
+}
+
+/// A device an operator expects.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct Registration {
+    #[schema(example = "pump-7")]
+    device_id: String,
+}
+
+/// Register a device before it is heard from: status `provisioning`.
+#[utoipa::path(post, path = "/api/v1/devices", tag = "devices", request_body = Registration,
+    security(("api_key" = [])),
+    responses(
+        (status = 201, description = "Registered", body = Device),
+        (status = 400, description = "Body is not JSON", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 409, description = "The device already exists", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "Not a valid device id, or a missing field", body = ErrorBody),
+        (status = 503, description = "Database not answering", body = ErrorBody),
+    ))]
+pub async fn register(
+    State(state): State<HttpState>,
+    body: Result<Json<Registration>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(registration) = body.map_err(from_rejection)?;
+    let id = device_id(&registration.device_id)?;
+    let event = state.store.register(&id, state.clock.now()).await?;
+    state.alerts.committed(std::slice::from_ref(&event));
+    let device =
+        state.store.device(&id).await?.ok_or_else(|| {
+            ApiError::Internal(format!("device {id} vanished after registration"))
+        })?;
+    let mut headers = HeaderMap::new();
+    if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/devices/{id}")) {
+        headers.insert(header::LOCATION, location);
+    }
+    Ok((StatusCode::CREATED, headers, Json(device)))
+}
+
+/// Forget a device and its history; its retained status is cleared.
+#[utoipa::path(delete, path = "/api/v1/devices/{id}", tag = "devices",
+    params(("id" = String, Path, description = "Device id")),
+    security(("api_key" = [])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 422, description = "Not a valid device id", body = ErrorBody),
+        (status = 503, description = "Database not answering", body = ErrorBody),
+    ))]
+pub async fn delete(
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = device_id(&id)?;
+    state.store.delete(&id, state.clock.now()).await?;
+    state.alerts.deleted(id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryParams {
+    /// `next_cursor` of the previous page.
+    cursor: Option<i64>,
+    /// Events per page (1 to 1000, default 100).
+    limit: Option<u32>,
+}
+
+/// A page of a device's transitions, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventList {
+    events: Vec<StatusEvent>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    next_cursor: Option<i64>,
+}
+
+/// A device's transition history, newest first.
+#[utoipa::path(get, path = "/api/v1/devices/{id}/events", tag = "devices",
+    params(("id" = String, Path, description = "Device id"), HistoryParams),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "A page of events", body = EventList),
+        (status = 400, description = "Bad query parameter", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 422, description = "Not a valid device id", body = ErrorBody),
+        (status = 503, description = "Database not answering", body = ErrorBody),
+    ))]
+pub async fn events(
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    params: Result<Query<HistoryParams>, QueryRejection>,
+) -> Result<Json<EventList>, ApiError> {
+    let id = device_id(&id)?;
+    let Query(params) = params.map_err(from_rejection)?;
+    let limit = limit(params.limit)?;
+    if state.store.device(&id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("device {id} not found")));
+    }
+    let mut page = state.store.events(&id, params.cursor, limit + 1).await?;
+    let next_cursor = if page.len() > limit as usize {
+        page.truncate(limit as usize);
+        page.last().map(|e| e.seq)
+    } else {
+        None
+    };
+    Ok(Json(EventList {
+        events: page.into_iter().map(|stored| stored.event).collect(),
+        next_cursor,
+    }))
+}
+
+/// Device counts.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FleetSummary {
+    #[serde(flatten)]
+    by_status: Summary,
+    total: u64,
+}
+
+/// How many devices are in each status.
+#[utoipa::path(get, path = "/api/v1/summary", tag = "devices",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Counts per status", body = FleetSummary),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 503, description = "Database not answering", body = ErrorBody),
+    ))]
+pub async fn summary(State(state): State<HttpState>) -> Result<Json<FleetSummary>, ApiError> {
+    let by_status = state.store.summary().await?;
+    Ok(Json(FleetSummary {
+        total: by_status.total(),
+        by_status,
+    }))
+}
+
+/// The answer to an HTTP heartbeat.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HeartbeatAck {
+    #[schema(example = "ok")]
+    status: &'static str,
+    /// True when this heartbeat registered a device the hub had never heard of.
+    registered: bool,
+    /// Reserved for commands to the device; always empty for now.
+    pending_commands: Vec<serde_json::Value>,
+}
+
+/// A heartbeat over HTTP: the MQTT payload, the same handling, the same events.
+#[utoipa::path(post, path = "/api/v1/devices/{id}/heartbeat", tag = "devices",
+    params(("id" = String, Path, description = "Device id")),
+    request_body(content = crate::heartbeat::Report, description = "The heartbeat payload of the MQTT interface (all fields optional; an empty body is a bare heartbeat)", content_type = "application/json"),
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Committed", body = HeartbeatAck),
+        (status = 400, description = "Malformed JSON, not an object, not UTF-8, or nested too deep", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 413, description = "Payload over the limit", body = ErrorBody),
+        (status = 422, description = "Not a valid device id, or a field of the wrong type or size", body = ErrorBody),
+        (status = 503, description = "Not committed in time (database or hub busy)", body = ErrorBody),
+    ))]
+pub async fn heartbeat(
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<HeartbeatAck>, ApiError> {
+    let id = device_id(&id)?;
+    let body = body.map_err(from_rejection)?;
+    let heartbeat = payload::parse(&body, state.max_payload).map_err(|e| {
+        state.metrics.reject(e.reason());
+        match e {
+            PayloadError::TooLarge { .. } => ApiError::PayloadTooLarge(e.to_string()),
+            PayloadError::InvalidField(_) | PayloadError::OverLimit(_) => {
+                ApiError::Unprocessable(e.to_string())
+            }
+            _ => ApiError::BadRequest(e.to_string()),
+        }
+    })?;
+    state.metrics.http_heartbeats_received.fetch_add(1, Relaxed);
+    let (receipt, committed) = oneshot::channel();
+    let message = Inbound::Heartbeat {
+        device: id,
+        at: state.clock.now(),
+        heartbeat: Box::new(heartbeat),
+        receipt: Some(receipt),
+    };
+    let busy = || ApiError::Unavailable("the heartbeat was not committed in time".into());
+    tokio::time::timeout(HEARTBEAT_WAIT, state.queue.send(message))
+        .await
+        .map_err(|_| busy())?
+        .map_err(|_| ApiError::Unavailable("the hub is shutting down".into()))?;
+    let registered = tokio::time::timeout(HEARTBEAT_WAIT, committed)
+        .await
+        .map_err(|_| busy())?
+        .map_err(|_| busy())?
+        .map_err(|_| busy())?;
+    Ok(Json(HeartbeatAck {
+        status: "ok",
+        registered,
+        pending_commands: Vec::new(),
+    }))
+}

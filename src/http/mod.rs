@@ -1,0 +1,158 @@
+//! The HTTP side of the hub (interface.md section 8): the JSON API under `/api/v1`
+//! behind bearer keys, `/healthz` and `/metrics` for operations, and the dashboard at
+//! `/`. Every route is registered through utoipa's router, so the OpenAPI document at
+//! `/api/v1/openapi.json` is generated from the same list the server answers.
+
+mod auth;
+mod dashboard;
+mod devices;
+mod error;
+mod live;
+mod ops;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json, Router};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use error::{ApiError, ErrorBody};
+pub use ops::Health;
+
+use crate::alerts::AlertChannel;
+use crate::clock::Clock;
+use crate::config::Secret;
+use crate::heartbeat::Inbound;
+use crate::metrics::Metrics;
+use crate::storage::Store;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct HttpState {
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    pub clock: Clock,
+    /// The heartbeat handler's queue, for HTTP heartbeats.
+    pub queue: mpsc::Sender<Inbound>,
+    pub alerts: AlertChannel,
+    /// Accepted API keys; empty means no authentication (loopback only).
+    pub keys: Arc<[Secret]>,
+    pub max_payload: usize,
+    pub health: Arc<Health>,
+    /// Cancelled at shutdown, so open event streams end.
+    pub closing: CancellationToken,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "fleetwatch",
+        description = "Device fleet status over HTTP. The MQTT side is described in docs/interface.md."
+    ),
+    modifiers(&BearerKey),
+    tags(
+        (name = "devices", description = "The fleet: devices, history, heartbeats, live updates"),
+        (name = "operations", description = "Health, metrics, the dashboard")
+    )
+)]
+struct ApiDoc;
+
+struct BearerKey;
+
+impl utoipa::Modify for BearerKey {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The router and the OpenAPI document describing it.
+pub fn router(state: HttpState) -> (Router, utoipa::openapi::OpenApi) {
+    let api = OpenApiRouter::new()
+        .routes(routes!(devices::list, devices::register))
+        .routes(routes!(devices::get, devices::delete))
+        .routes(routes!(devices::events))
+        .routes(routes!(devices::heartbeat))
+        .routes(routes!(devices::summary))
+        .routes(routes!(live::stream))
+        .routes(routes!(openapi_json))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
+    let public = OpenApiRouter::new()
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(dashboard::page));
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(api)
+        .merge(public)
+        .split_for_parts();
+    let max_body = state.max_payload;
+    let router = router
+        .fallback(not_found)
+        .layer(middleware::from_fn(json_method_not_allowed))
+        .layer(Extension(Arc::new(doc.clone())))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state);
+    (router, doc)
+}
+
+/// Serves until `shutdown` resolves, then lets requests in flight finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+    ))]
+async fn openapi_json(
+    Extension(doc): Extension<Arc<utoipa::openapi::OpenApi>>,
+) -> Json<utoipa::openapi::OpenApi> {
+    Json((*doc).clone())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+/// axum answers a wrong method with an empty 405; give it the JSON body every other
+/// error has.
+async fn json_method_not_allowed(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+        let mut json =
+            ApiError::MethodNotAllowed(format!("{method} is not allowed here")).into_response();
+        if let Some(allow) = response.headers().get(axum::http::header::ALLOW) {
+            json.headers_mut()
+                .insert(axum::http::header::ALLOW, allow.clone());
+        }
+        return json;
+    }
+    response
+}
