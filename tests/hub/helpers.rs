@@ -75,6 +75,10 @@ pub struct TestApp {
     pub url: BrokerUrl,
     /// The hub's SQLite file.
     pub db_path: std::path::PathBuf,
+    /// Base URL of the hub's HTTP server, e.g. `http://127.0.0.1:41234`.
+    pub http: String,
+    /// The API key the hub was configured with, if any.
+    pub api_key: Option<String>,
     pub metrics: Arc<Metrics>,
     pub store: Arc<dyn Store>,
     /// Since when the hub has been subscribed (`None` while its connection is down).
@@ -103,7 +107,13 @@ pub async fn start(settings: Settings, dir: tempfile::TempDir) -> TestApp {
     let db_path = std::path::PathBuf::from(settings.database.url.trim_start_matches("sqlite://"));
     let external =
         matches!(settings.mqtt.broker, BrokerMode::External).then(|| settings.mqtt.url.clone());
+    let api_key = settings
+        .http
+        .api_key
+        .as_ref()
+        .map(|k| k.expose().to_string());
     let app = Application::build(settings).await.expect("hub starts");
+    let http = format!("http://{}", app.http_addr().expect("HTTP listener"));
     let url = match (app.embedded_broker(), external) {
         (Some(addr), _) => BrokerUrl::new(addr.ip().to_string(), addr.port()),
         (None, Some(url)) => url.parse().expect("external url"),
@@ -130,6 +140,8 @@ pub async fn start(settings: Settings, dir: tempfile::TempDir) -> TestApp {
     TestApp {
         url,
         db_path,
+        http,
+        api_key,
         metrics,
         store,
         listening,
@@ -165,6 +177,15 @@ impl TestApp {
             within(PATIENCE, "the hub to stop", task)
                 .await
                 .expect("hub task");
+        }
+    }
+
+    /// A request to the hub's HTTP server, with the API key if one is configured.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = reqwest::Client::new().request(method, format!("{}{path}", self.http));
+        match &self.api_key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
         }
     }
 

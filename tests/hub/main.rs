@@ -4,8 +4,10 @@
 //! The core scenarios run against the embedded broker always, and against a real
 //! Mosquitto (started by the test on a free port) with `--features mosquitto-tests`.
 
+mod browser;
 mod cli;
 mod helpers;
+mod http;
 mod mosquitto;
 mod restart;
 mod scenarios;
