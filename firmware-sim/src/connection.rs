@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -37,9 +37,10 @@ pub(crate) fn open(spec: ConnectionSpec<'_>) -> (AsyncClient, EventLoop) {
     AsyncClient::new(options, spec.capacity)
 }
 
-/// Polls `eventloop` forever, reporting the connection state on `connected` and
-/// counting connection errors. Cancel by aborting the task: dropping the event loop
-/// closes the socket without a DISCONNECT, which is what a crashed device does.
+/// Polls `eventloop` until the client sends DISCONNECT, reporting the connection state
+/// on `connected` and counting connection errors. Cancel by aborting the task: dropping
+/// the event loop closes the socket without a DISCONNECT, which is what a crashed
+/// device does.
 pub(crate) async fn drive(
     mut eventloop: EventLoop,
     connected: watch::Sender<bool>,
@@ -51,6 +52,10 @@ pub(crate) async fn drive(
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 delay = Duration::from_millis(50);
                 connected.send_replace(true);
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                connected.send_replace(false);
+                return;
             }
             Ok(_) => {}
             Err(_) => {

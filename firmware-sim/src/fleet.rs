@@ -54,6 +54,7 @@ pub struct FleetStats {
 
 pub struct Fleet {
     tasks: JoinSet<()>,
+    finish: watch::Sender<bool>,
     pub stats: Arc<FleetStats>,
 }
 
@@ -64,6 +65,7 @@ impl Fleet {
         let connections = config.connections.clamp(1, config.devices.max(1));
         let mut tasks = JoinSet::new();
         let start = Instant::now();
+        let (finish, finishing) = watch::channel(false);
         for connection in 0..connections {
             tasks.spawn(run_connection(
                 Arc::clone(&config),
@@ -71,14 +73,35 @@ impl Fleet {
                 connections,
                 start,
                 Arc::clone(&stats),
+                finishing.clone(),
             ));
         }
-        Self { tasks, stats }
+        Self {
+            tasks,
+            finish,
+            stats,
+        }
     }
 
     /// Stops every connection (abruptly: Wills fire if configured).
     pub async fn stop(mut self) {
         self.tasks.shutdown().await;
+    }
+
+    /// Stops publishing, hands every heartbeat already counted as sent to the broker,
+    /// and disconnects cleanly (no Will). Connections that do not finish within
+    /// `limit` are dropped; returns how many finished cleanly.
+    pub async fn finish(mut self, limit: Duration) -> u64 {
+        self.finish.send_replace(true);
+        let mut clean = 0;
+        let deadline = Instant::now() + limit;
+        while let Ok(Some(joined)) = time::timeout_at(deadline, self.tasks.join_next()).await {
+            if joined.is_ok() {
+                clean += 1;
+            }
+        }
+        self.tasks.shutdown().await;
+        clean
     }
 }
 
@@ -88,6 +111,7 @@ async fn run_connection(
     connections: u64,
     start: Instant,
     stats: Arc<FleetStats>,
+    mut finishing: watch::Receiver<bool>,
 ) {
     let first = config.device_id(connection);
     let client_id = if connections == config.devices {
@@ -105,12 +129,11 @@ async fn run_connection(
     });
     let (connected_tx, mut connected) = watch::channel(false);
     let errors = Arc::new(AtomicU64::new(0));
-    let network = tokio::spawn(connection::drive(
+    let mut network = AbortOnDrop(tokio::spawn(connection::drive(
         eventloop,
         connected_tx,
         Arc::clone(&errors),
-    ));
-    let _abort_network = AbortOnDrop(network);
+    )));
     if connected.wait_for(|up| *up).await.is_err() {
         return;
     }
@@ -128,7 +151,10 @@ async fn run_connection(
     let mut reported_errors = 0;
     let mut was_connected = true;
     while let Some(Reverse((when, index))) = due.pop() {
-        time::sleep_until(when).await;
+        tokio::select! {
+            _ = time::sleep_until(when) => {}
+            _ = finishing.wait_for(|finish| *finish) => break,
+        }
         let now_connected = *connected.borrow();
         if now_connected != was_connected {
             if now_connected {
@@ -163,6 +189,11 @@ async fn run_connection(
             Err(_) => stats.errors.fetch_add(1, Relaxed),
         };
         due.push(Reverse((when + next_interval(&config), index)));
+    }
+    // The DISCONNECT queues behind every publish already handed to the client, and the
+    // event loop ends once it is written.
+    if client.disconnect().await.is_ok() {
+        let _ = (&mut network.0).await;
     }
 }
 

@@ -11,6 +11,7 @@ mod http;
 mod mosquitto;
 mod restart;
 mod scenarios;
+mod sim;
 
 /// Every core scenario as a test of its own, run against the broker `$broker`
 /// evaluates to: a `(Broker, guard)` pair, the guard kept alive for the test.

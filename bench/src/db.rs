@@ -1,0 +1,151 @@
+//! The write path alone: the hub's `Store::apply` on batches of steady heartbeats,
+//! against a bare batched upsert of the same columns on the same SQLite settings and
+//! batch size (the settings come from `SqliteStore::options`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use fleetwatch::clock::Timestamp;
+use fleetwatch::device::DeviceId;
+use fleetwatch::heartbeat::batch::Batch;
+use fleetwatch::heartbeat::{Heartbeat, Report};
+use fleetwatch::storage::Store;
+use fleetwatch::storage::sqlite::SqliteStore;
+use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
+use sqlx::{QueryBuilder, Sqlite};
+
+pub struct DbFigures {
+    /// Rows per second through `Store::apply`.
+    pub hub_rows_per_s: f64,
+    /// Rows per second through the bare upsert.
+    pub bare_rows_per_s: f64,
+}
+
+fn heartbeat(uptime: u64) -> Heartbeat {
+    Heartbeat {
+        healthy: true,
+        error: None,
+        device_time: Some(Timestamp::from_unix_millis(1_700_000_000_000)),
+        report: Report {
+            uptime_seconds: Some(uptime),
+            free_memory: Some(48_213_504),
+            firmware_version: Some("1.4.2".into()),
+            hostname: Some("sim".into()),
+            ..Report::default()
+        },
+    }
+}
+
+/// Rows per statement in the bare loop: under SQLite's 32,766 bound parameters.
+const BARE_ROWS_PER_STATEMENT: usize = 1024;
+
+pub async fn measure(
+    dir: &std::path::Path,
+    devices: usize,
+    batch: usize,
+    each: Duration,
+) -> Result<DbFigures> {
+    let ids: Vec<DeviceId> = (0..devices)
+        .map(|i| DeviceId::parse(&format!("dev-{i:07}")))
+        .collect::<Result<_, _>>()?;
+
+    // The hub's store: register everyone, then time steady rounds.
+    let hub_url = format!("sqlite://{}", dir.join("db-hub.db").display());
+    let store = SqliteStore::connect(&hub_url).await?;
+    hub_round(&store, &ids, batch, 0).await?;
+    let mut rows = 0usize;
+    let started = Instant::now();
+    let mut uptime = 1;
+    while started.elapsed() < each {
+        hub_round(&store, &ids, batch, uptime).await?;
+        rows += devices;
+        uptime += 1;
+    }
+    let hub_rows_per_s = rows as f64 / started.elapsed().as_secs_f64();
+    drop(store);
+
+    // The bare loop: same schema (the hub's migrations), same pragmas, same batch.
+    let bare_path = dir.join("db-bare.db");
+    drop(SqliteStore::connect(&format!("sqlite://{}", bare_path.display())).await?);
+    let options = SqliteStore::options(&format!("sqlite://{}", bare_path.display()))?;
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    let names: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    bare_round(&pool, &names, batch, 0).await?;
+    let mut rows = 0usize;
+    let started = Instant::now();
+    let mut uptime = 1;
+    while started.elapsed() < each {
+        bare_round(&pool, &names, batch, uptime).await?;
+        rows += devices;
+        uptime += 1;
+    }
+    let bare_rows_per_s = rows as f64 / started.elapsed().as_secs_f64();
+    pool.close().await;
+    Ok(DbFigures {
+        hub_rows_per_s,
+        bare_rows_per_s,
+    })
+}
+
+/// Every device heartbeats once more, `batch` devices per `Store::apply`.
+async fn hub_round(store: &SqliteStore, ids: &[DeviceId], batch: usize, round: u64) -> Result<()> {
+    let mut at = 1_000_000 + (round as i64) * ids.len() as i64;
+    for chunk in ids.chunks(batch) {
+        let mut pending = Batch::default();
+        for id in chunk {
+            at += 1;
+            pending.add_heartbeat(
+                id.clone(),
+                Timestamp::from_unix_millis(at),
+                heartbeat(round),
+            );
+        }
+        store.apply(&pending.take()).await?;
+    }
+    Ok(())
+}
+
+/// The same rows as plain multi-row upserts, `batch` rows per transaction.
+async fn bare_round(pool: &SqlitePool, ids: &[String], batch: usize, round: u64) -> Result<()> {
+    let mut at = 1_000_000 + (round as i64) * ids.len() as i64;
+    let uptime = round as i64;
+    for batch_ids in ids.chunks(batch) {
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        for statement_ids in batch_ids.chunks(BARE_ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO devices (device_id, status, last_seen_at, first_seen_at, \
+                 status_changed_at, registered_at, device_time, uptime_seconds, \
+                 free_memory, firmware_version, hostname) ",
+            );
+            query.push_values(statement_ids, |mut row, id| {
+                at += 1;
+                row.push_bind(id.as_str())
+                    .push_bind("online")
+                    .push_bind(at)
+                    .push_bind(at)
+                    .push_bind(at)
+                    .push_bind(at)
+                    .push_bind(1_700_000_000_000i64)
+                    .push_bind(uptime)
+                    .push_bind(48_213_504i64)
+                    .push_bind("1.4.2")
+                    .push_bind("sim");
+            });
+            query.push(
+                " ON CONFLICT (device_id) DO UPDATE SET \
+                 last_seen_at = excluded.last_seen_at, \
+                 device_time = excluded.device_time, \
+                 uptime_seconds = excluded.uptime_seconds, \
+                 free_memory = excluded.free_memory, \
+                 firmware_version = excluded.firmware_version, \
+                 hostname = excluded.hostname",
+            );
+            query.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! fleetwatch's benchmark harness (run it with `bench/run.sh`). Every figure is a ratio
+//! to a baseline measured in the same run, printed beside it, because a shared
+//! machine's absolute figures drift from run to run while ratios within one run hold.
+//! Prints a table, writes `target/bench/results.json`, asserts nothing.
+
+// The same allocator as the fleetwatch binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod db;
+mod listen;
+mod measure;
+mod procs;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+
+use crate::report::Report;
+
+const MEASUREMENTS: [&str; 7] = [
+    "ingest",
+    "db",
+    "coalescing",
+    "lag",
+    "storm",
+    "memory",
+    "sustained",
+];
+
+#[derive(Parser, Debug)]
+#[command(about = "fleetwatch benchmarks: each figure a ratio to a baseline of the same run")]
+struct Args {
+    /// Everything at a small scale, in under two minutes (a smoke test: figures at
+    /// this scale say little).
+    #[arg(long)]
+    quick: bool,
+    /// Only these measurements, comma-separated: ingest, db, coalescing, lag, storm,
+    /// memory, sustained.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Where to write the results.
+    #[arg(long, default_value = "target/bench/results.json")]
+    out: PathBuf,
+}
+
+/// The sizes of one run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Scale {
+    /// Offered heartbeats per second, tried in turn until the broker no longer keeps
+    /// up with a counting subscriber: the best rate it drained is the baseline.
+    pub ingest_rates: Vec<u64>,
+    pub ingest_interval: Duration,
+    pub ingest_connections: u64,
+    pub warmup: Duration,
+    pub window: Duration,
+    pub db_devices: usize,
+    pub db_batch: usize,
+    pub db_each: Duration,
+    pub coalescing_devices: u64,
+    pub coalescing_interval: Duration,
+    pub lag_devices: u64,
+    pub lag_offline_after: Duration,
+    pub storm_devices: u64,
+    pub storm_offline_after: Duration,
+    pub memory_connections: Vec<u64>,
+    pub sustained_devices: u64,
+    pub sustained_interval: Duration,
+    pub sustained_for: Duration,
+}
+
+impl Scale {
+    fn full() -> Self {
+        Self {
+            ingest_rates: vec![20_000, 30_000, 35_000, 40_000, 50_000, 60_000],
+            ingest_interval: Duration::from_millis(500),
+            ingest_connections: 20,
+            warmup: Duration::from_secs(3),
+            window: Duration::from_secs(8),
+            db_devices: 100_000,
+            db_batch: 5_000,
+            db_each: Duration::from_secs(8),
+            coalescing_devices: 2_000,
+            coalescing_interval: Duration::from_millis(50),
+            lag_devices: 100_000,
+            lag_offline_after: Duration::from_secs(10),
+            storm_devices: 10_000,
+            storm_offline_after: Duration::from_secs(5),
+            memory_connections: vec![1_000, 10_000],
+            sustained_devices: 1_000_000,
+            sustained_interval: Duration::from_secs(60),
+            sustained_for: Duration::from_secs(300),
+        }
+    }
+
+    fn quick() -> Self {
+        Self {
+            ingest_rates: vec![10_000, 20_000],
+            ingest_interval: Duration::from_millis(500),
+            ingest_connections: 8,
+            warmup: Duration::from_secs(1),
+            window: Duration::from_secs(2),
+            db_devices: 20_000,
+            db_batch: 5_000,
+            db_each: Duration::from_secs(2),
+            coalescing_devices: 500,
+            coalescing_interval: Duration::from_millis(50),
+            lag_devices: 5_000,
+            lag_offline_after: Duration::from_secs(3),
+            storm_devices: 2_000,
+            storm_offline_after: Duration::from_secs(3),
+            memory_connections: vec![200],
+            sustained_devices: 20_000,
+            sustained_interval: Duration::from_secs(2),
+            sustained_for: Duration::from_secs(12),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<ExitCode> {
+    let args = Args::parse();
+    let scale = if args.quick {
+        Scale::quick()
+    } else {
+        Scale::full()
+    };
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let dir = tempfile::Builder::new()
+        .prefix("fleetwatch-bench")
+        .tempdir()?;
+    let mut report = Report::new(if args.quick { "quick" } else { "full" }, &scale);
+    println!(
+        "fleetwatch bench ({} run); logs and databases in {}",
+        report.mode,
+        dir.path().display()
+    );
+
+    for name in MEASUREMENTS {
+        if !wanted(name) {
+            continue;
+        }
+        println!("== {name}");
+        let (dir, scale, report) = (dir.path(), &scale, &mut report);
+        let result = match name {
+            "ingest" => measure::ingest(dir, scale, report).await,
+            "db" => measure::db(dir, scale, report).await,
+            "coalescing" => measure::coalescing(dir, scale, report).await,
+            "lag" => measure::lag(dir, scale, report).await,
+            "storm" => measure::storm(dir, scale, report).await,
+            "memory" => measure::memory(dir, scale, report).await,
+            _ => measure::sustained(dir, scale, report).await,
+        };
+        // A failed measurement is reported and the rest still run.
+        if let Err(e) = result {
+            println!("   {name} failed: {e:#}");
+            report.failed(name, format!("{e:#}"));
+        }
+    }
+
+    report.print();
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, report.to_json()?)?;
+    let markdown = args.out.with_extension("md");
+    std::fs::write(&markdown, report.to_markdown())?;
+    println!("wrote {} and {}", args.out.display(), markdown.display());
+    if !report.failures.is_empty() {
+        eprintln!(
+            "fleetwatch-bench: {} measurement(s) failed",
+            report.failures.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
