@@ -205,7 +205,7 @@ impl Application {
             )
         });
         let closing = CancellationToken::new();
-        let (router, _) = http::router(HttpState {
+        let router = http::router(HttpState {
             store: Arc::clone(&self.store),
             metrics: Arc::clone(&self.metrics),
             clock: self.clock.clone(),

@@ -52,42 +52,45 @@ pub async fn measure(
     // The hub's store: register everyone, then time steady rounds.
     let hub_url = format!("sqlite://{}", dir.join("db-hub.db").display());
     let store = SqliteStore::connect(&hub_url).await?;
-    hub_round(&store, &ids, batch, 0).await?;
-    let mut rows = 0usize;
-    let started = Instant::now();
-    let mut uptime = 1;
-    while started.elapsed() < each {
-        hub_round(&store, &ids, batch, uptime).await?;
-        rows += devices;
-        uptime += 1;
-    }
-    let hub_rows_per_s = rows as f64 / started.elapsed().as_secs_f64();
+    let hub_rows_per_s =
+        rows_per_s(devices, each, |round| hub_round(&store, &ids, batch, round)).await?;
     drop(store);
 
     // The bare loop: same schema (the hub's migrations), same pragmas, same batch.
-    let bare_path = dir.join("db-bare.db");
-    drop(SqliteStore::connect(&format!("sqlite://{}", bare_path.display())).await?);
-    let options = SqliteStore::options(&format!("sqlite://{}", bare_path.display()))?;
+    let bare_url = format!("sqlite://{}", dir.join("db-bare.db").display());
+    drop(SqliteStore::connect(&bare_url).await?);
+    let options = SqliteStore::options(&bare_url)?;
     let pool = SqlitePoolOptions::new()
         .max_connections(1)
         .connect_with(options)
         .await?;
     let names: Vec<String> = ids.iter().map(ToString::to_string).collect();
-    bare_round(&pool, &names, batch, 0).await?;
-    let mut rows = 0usize;
-    let started = Instant::now();
-    let mut uptime = 1;
-    while started.elapsed() < each {
-        bare_round(&pool, &names, batch, uptime).await?;
-        rows += devices;
-        uptime += 1;
-    }
-    let bare_rows_per_s = rows as f64 / started.elapsed().as_secs_f64();
+    let bare_rows_per_s = rows_per_s(devices, each, |round| {
+        bare_round(&pool, &names, batch, round)
+    })
+    .await?;
     pool.close().await;
     Ok(DbFigures {
         hub_rows_per_s,
         bare_rows_per_s,
     })
+}
+
+/// Runs round 0 (registration, untimed), then rounds 1, 2, … for `each`: rows per
+/// second over the timed rounds, `devices` rows a round.
+async fn rows_per_s<F, Fut>(devices: usize, each: Duration, mut round: F) -> Result<f64>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    round(0).await?;
+    let started = Instant::now();
+    let mut rounds = 0u64;
+    while started.elapsed() < each {
+        rounds += 1;
+        round(rounds).await?;
+    }
+    Ok((rounds as usize * devices) as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Every device heartbeats once more, `batch` devices per `Store::apply`.

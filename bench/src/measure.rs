@@ -140,48 +140,106 @@ enum BrokerKind {
     Embedded,
 }
 
+/// The best rate over a ramp of offered rates.
+#[derive(Default)]
+struct Best(Option<(u64, Rate)>);
+
+impl Best {
+    /// Records one step; true when it got at least 90 % of what was offered.
+    fn record(&mut self, offered: u64, rate: Rate) -> bool {
+        let kept_up = rate.per_s >= 0.9 * offered as f64;
+        if self
+            .0
+            .as_ref()
+            .is_none_or(|(_, best)| rate.per_s > best.per_s)
+        {
+            self.0 = Some((offered, rate));
+        }
+        kept_up
+    }
+
+    fn take(self) -> Result<(u64, Rate)> {
+        self.0
+            .ok_or_else(|| anyhow::anyhow!("no ingest rates configured"))
+    }
+}
+
+/// One drain step on a fresh broker of `kind`.
+async fn broker_drain(
+    dir: &Path,
+    kind: BrokerKind,
+    qos: QoS,
+    offered: u64,
+    scale: &Scale,
+) -> Result<Rate> {
+    match kind {
+        BrokerKind::Mosquitto => {
+            let mosquitto = Mosquitto::start(dir).await?;
+            let rate = drain(&mosquitto.url, qos, Some(&mosquitto.proc), offered, scale).await;
+            mosquitto.stop().await?;
+            rate
+        }
+        BrokerKind::Embedded => {
+            let port = free_port()?;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            // rumqttd cannot be stopped; this one idles once its clients have left.
+            let _broker = EmbeddedBroker::start(addr, broker_packet_limit(MAX_PAYLOAD)).await?;
+            drain(
+                &BrokerUrl::new("127.0.0.1", port),
+                qos,
+                None,
+                offered,
+                scale,
+            )
+            .await
+        }
+    }
+}
+
+/// One commit step: a fresh hub (and, for Mosquitto, a fresh broker) on database `db`.
+async fn hub_commit(
+    dir: &Path,
+    db: &Path,
+    kind: BrokerKind,
+    qos: QoS,
+    offered: u64,
+    scale: &Scale,
+) -> Result<Rate> {
+    match kind {
+        BrokerKind::Mosquitto => {
+            let mosquitto = Mosquitto::start(dir).await?;
+            let hub = Hub::start(dir, db, HubBroker::External(&mosquitto.url), NEVER).await?;
+            let rate = commit(&hub, qos, offered, scale).await;
+            hub.stop().await?;
+            mosquitto.stop().await?;
+            rate
+        }
+        BrokerKind::Embedded => {
+            let hub = Hub::start(dir, db, HubBroker::Embedded, NEVER).await?;
+            let rate = commit(&hub, qos, offered, scale).await;
+            hub.stop().await?;
+            rate
+        }
+    }
+}
+
 /// Raises the offered rate until the broker, fresh each time, no longer delivers 90 %
 /// of it to a counting subscriber. Returns the best drain and the rate offered for it.
 async fn find_drain(dir: &Path, kind: BrokerKind, qos: QoS, scale: &Scale) -> Result<(u64, Rate)> {
-    let mut best: Option<(u64, Rate)> = None;
+    let mut best = Best::default();
     for &offered in &scale.ingest_rates {
-        let rate = match kind {
-            BrokerKind::Mosquitto => {
-                let mosquitto = Mosquitto::start(dir).await?;
-                let rate = drain(&mosquitto.url, qos, Some(&mosquitto.proc), offered, scale).await;
-                mosquitto.stop().await?;
-                rate?
-            }
-            BrokerKind::Embedded => {
-                let port = free_port()?;
-                let addr = SocketAddr::from(([127, 0, 0, 1], port));
-                // rumqttd cannot be stopped; this one idles once its clients have left.
-                let _broker = EmbeddedBroker::start(addr, broker_packet_limit(MAX_PAYLOAD)).await?;
-                drain(
-                    &BrokerUrl::new("127.0.0.1", port),
-                    qos,
-                    None,
-                    offered,
-                    scale,
-                )
-                .await?
-            }
-        };
+        let rate = broker_drain(dir, kind, qos, offered, scale).await?;
         println!(
             "   {} QoS {} drain at {offered}/s offered: {:.0}/s",
             name(kind),
             qos_name(qos),
             rate.per_s
         );
-        let kept_up = rate.per_s >= 0.9 * offered as f64;
-        if best.as_ref().is_none_or(|(_, b)| rate.per_s > b.per_s) {
-            best = Some((offered, rate));
-        }
-        if !kept_up {
+        if !best.record(offered, rate) {
             break;
         }
     }
-    best.ok_or_else(|| anyhow::anyhow!("no ingest rates configured"))
+    best.take()
 }
 
 fn name(kind: BrokerKind) -> &'static str {
@@ -215,36 +273,16 @@ pub async fn ingest(dir: &Path, scale: &Scale, report: &mut Report) -> Result<()
         let (offered, baseline) = find_drain(dir, kind, qos, scale).await?;
         // The hub is offered the same rates from the baseline's best downwards, each on
         // a fresh broker and database, until it keeps up; its best commit rate counts.
-        let mut hub_best: Option<(u64, Rate)> = None;
+        let mut best = Best::default();
         for &step in scale.ingest_rates.iter().rev().filter(|&&r| r <= offered) {
             let db = dir.join(format!("{key}-{step}.db"));
-            let rate = match kind {
-                BrokerKind::Mosquitto => {
-                    let mosquitto = Mosquitto::start(dir).await?;
-                    let hub =
-                        Hub::start(dir, &db, HubBroker::External(&mosquitto.url), NEVER).await?;
-                    let rate = commit(&hub, qos, step, scale).await;
-                    hub.stop().await?;
-                    mosquitto.stop().await?;
-                    rate?
-                }
-                BrokerKind::Embedded => {
-                    let hub = Hub::start(dir, &db, HubBroker::Embedded, NEVER).await?;
-                    let rate = commit(&hub, qos, step, scale).await;
-                    hub.stop().await?;
-                    rate?
-                }
-            };
+            let rate = hub_commit(dir, &db, kind, qos, step, scale).await?;
             println!("   hub at {step}/s offered: {:.0}/s committed", rate.per_s);
-            let kept_up = rate.per_s >= 0.9 * step as f64;
-            if hub_best.as_ref().is_none_or(|(_, b)| rate.per_s > b.per_s) {
-                hub_best = Some((step, rate));
-            }
-            if kept_up {
+            if best.record(step, rate) {
                 break;
             }
         }
-        let (hub_offered, hub_rate) = hub_best.ok_or_else(|| anyhow::anyhow!("no hub run"))?;
+        let (hub_offered, hub_rate) = best.take()?;
         report.add(
             key,
             hub_rate.per_s / baseline.per_s,
@@ -345,14 +383,8 @@ pub async fn coalescing(dir: &Path, scale: &Scale, report: &mut Report) -> Resul
     fleet.finish(Duration::from_secs(10)).await;
     let messages = hub.settle(Duration::from_secs(20)).await?;
     let metrics = hub.metrics().await?;
-    let distinct = metrics
-        .get("fleetwatch_flush_batch_rows_sum")
-        .copied()
-        .unwrap_or(0.0);
-    let flushes = metrics
-        .get("fleetwatch_flush_batch_rows_count")
-        .copied()
-        .unwrap_or(0.0);
+    let distinct = metrics.get("fleetwatch_flush_batch_rows_sum");
+    let flushes = metrics.get("fleetwatch_flush_batch_rows_count");
     let rows: i64 = sqlx::query_scalar("SELECT n FROM bench_writes")
         .fetch_one(&pool)
         .await?;
@@ -432,14 +464,7 @@ async fn silence(
     // A device scheduled at the very end of the run may not have been heard at all:
     // wait for the offline events of the devices the hub registered.
     hub.settle(Duration::from_secs(30)).await?;
-    let registered: f64 = hub
-        .metrics()
-        .await?
-        .iter()
-        .filter(|(k, _)| k.starts_with("fleetwatch_devices{"))
-        .map(|(_, v)| v)
-        .sum();
-    let expected = registered as usize;
+    let expected = hub.devices().await? as usize;
     if expected + expected / 100 < devices as usize {
         bail!("only {expected} of {devices} devices were heard");
     }
@@ -615,13 +640,7 @@ pub async fn sustained(dir: &Path, scale: &Scale, report: &mut Report) -> Result
     while started.elapsed() < scale.sustained_for {
         time::sleep(progress_every.min(scale.sustained_for.saturating_sub(started.elapsed())))
             .await;
-        let devices_known = hub
-            .metrics()
-            .await?
-            .iter()
-            .filter(|(k, _)| k.starts_with("fleetwatch_devices{"))
-            .map(|(_, v)| v)
-            .sum::<f64>();
+        let devices_known = hub.devices().await?;
         println!(
             "   t={:>4.0}s sent={} committed={:.0} devices={devices_known:.0} hub_rss={} MB",
             started.elapsed().as_secs_f64(),
@@ -637,8 +656,7 @@ pub async fn sustained(dir: &Path, scale: &Scale, report: &mut Report) -> Result
     let sent = stats.sent.load(Relaxed) as f64;
     let committed = hub.settle(Duration::from_secs(60)).await?;
     let metrics = hub.metrics().await?;
-    let metric = |name: &str| metrics.get(name).copied().unwrap_or(0.0);
-    let false_offline = metric("fleetwatch_transitions_total{status=\"offline\"}");
+    let false_offline = metrics.get("fleetwatch_transitions_total{status=\"offline\"}");
     hub.stop().await?;
     mosquitto.stop().await?;
     if clean < connections {
@@ -671,7 +689,7 @@ pub async fn sustained(dir: &Path, scale: &Scale, report: &mut Report) -> Result
             "committed": committed,
             "false_offline": false_offline,
             "sim_errors": stats.errors.load(Relaxed),
-            "events_published": metric("fleetwatch_events_published_total"),
+            "events_published": metrics.get("fleetwatch_events_published_total"),
             "hub_cpu_s": cpu_after - cpu_before,
         }),
     );

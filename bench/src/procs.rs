@@ -253,8 +253,8 @@ impl Hub {
         }
     }
 
-    /// Every sample of /metrics, by name with labels (`name{label="x"}`).
-    pub async fn metrics(&self) -> Result<HashMap<String, f64>> {
+    /// Every sample of /metrics.
+    pub async fn metrics(&self) -> Result<Samples> {
         let text = self
             .client
             .get(format!("{}/metrics", self.http))
@@ -263,22 +263,23 @@ impl Hub {
             .error_for_status()?
             .text()
             .await?;
-        Ok(text
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.rsplit_once(' '))
-            .filter_map(|(name, value)| Some((name.to_string(), value.parse().ok()?)))
-            .collect())
+        Ok(Samples(
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| l.rsplit_once(' '))
+                .filter_map(|(name, value)| Some((name.to_string(), value.parse().ok()?)))
+                .collect(),
+        ))
     }
 
-    /// One metric sample, 0 when absent.
-    pub async fn metric(&self, name: &str) -> Result<f64> {
-        Ok(self.metrics().await?.get(name).copied().unwrap_or(0.0))
+    /// Devices the hub knows, in any status.
+    pub async fn devices(&self) -> Result<f64> {
+        Ok(self.metrics().await?.devices())
     }
 
     /// Heartbeats committed to the database so far.
     pub async fn committed(&self) -> Result<f64> {
-        self.metric("fleetwatch_flush_messages_total").await
+        Ok(self.metrics().await?.get("fleetwatch_flush_messages_total"))
     }
 
     /// Waits until the committed count stops moving (the last batch is in).
@@ -297,5 +298,24 @@ impl Hub {
 
     pub async fn stop(self) -> Result<()> {
         self.proc.stop(Duration::from_secs(15)).await
+    }
+}
+
+/// One scrape of /metrics, by sample name with labels (`name{label="x"}`).
+pub struct Samples(HashMap<String, f64>);
+
+impl Samples {
+    /// A sample's value, 0 when absent.
+    pub fn get(&self, name: &str) -> f64 {
+        self.0.get(name).copied().unwrap_or(0.0)
+    }
+
+    /// `fleetwatch_devices` summed over statuses.
+    pub fn devices(&self) -> f64 {
+        self.0
+            .iter()
+            .filter(|(name, _)| name.starts_with("fleetwatch_devices{"))
+            .map(|(_, value)| value)
+            .sum()
     }
 }

@@ -106,22 +106,8 @@ impl Report {
             "|{:-<38}|{:->14}|{:-<10}|{:-<6}|{:-<40}",
             "", "", "", "", ""
         );
-        for f in &self.figures {
-            println!(
-                "| {:<36} | {:>12} | {:<8} | {:<4} | {}",
-                f.key,
-                format_value(f.value, f.unit),
-                f.goal.map(Goal::describe).unwrap_or_else(|| "-".into()),
-                match f.met {
-                    Some(true) => "yes",
-                    Some(false) => "NO",
-                    None => "-",
-                },
-                f.baseline
-                    .as_ref()
-                    .map(|b| format!("{} = {}", b.what, format_value(b.value, b.unit)))
-                    .unwrap_or_default()
-            );
+        for [key, value, goal, met, baseline] in self.rows() {
+            println!("| {key:<36} | {value:>12} | {goal:<8} | {met:<4} | {baseline}");
         }
         for (name, why) in &self.failures {
             println!("| {name}: FAILED: {why}");
@@ -133,27 +119,37 @@ impl Report {
         let mut text = String::from(
             "| key | value | goal | met | baseline (same run) |\n| --- | ---: | --- | --- | --- |\n",
         );
-        for f in &self.figures {
+        for [key, value, goal, met, baseline] in self.rows() {
+            let met = if met == "NO" { "**no**" } else { &met };
             text.push_str(&format!(
-                "| `{}` | {} | {} | {} | {} |\n",
-                f.key,
-                format_value(f.value, f.unit),
-                f.goal.map(Goal::describe).unwrap_or_else(|| "-".into()),
-                match f.met {
-                    Some(true) => "yes",
-                    Some(false) => "**no**",
-                    None => "-",
-                },
-                f.baseline
-                    .as_ref()
-                    .map(|b| format!("{}: {}", b.what, format_value(b.value, b.unit)))
-                    .unwrap_or_default()
+                "| `{key}` | {value} | {goal} | {met} | {baseline} |\n"
             ));
         }
         for (name, why) in &self.failures {
             text.push_str(&format!("| `{name}` | failed: {why} | | | |\n"));
         }
         text
+    }
+
+    /// Each figure's cells: key, value, goal, met, baseline.
+    fn rows(&self) -> impl Iterator<Item = [String; 5]> + '_ {
+        self.figures.iter().map(|f| {
+            [
+                f.key.to_string(),
+                format_value(f.value, f.unit),
+                f.goal.map(Goal::describe).unwrap_or_else(|| "-".into()),
+                match f.met {
+                    Some(true) => "yes",
+                    Some(false) => "NO",
+                    None => "-",
+                }
+                .to_string(),
+                f.baseline
+                    .as_ref()
+                    .map(|b| format!("{}: {}", b.what, format_value(b.value, b.unit)))
+                    .unwrap_or_default(),
+            ]
+        })
     }
 
     pub fn to_json(&self) -> anyhow::Result<String> {

@@ -5,6 +5,7 @@
 //! when the offline checker asks, and at shutdown. A transition's event is committed
 //! with the batch, before anything is published.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -153,11 +154,15 @@ impl HeartbeatHandler {
                     "batch committed"
                 );
                 self.alerts.committed(&events);
-                for (device, receipt) in self.receipts.drain(..) {
-                    let registered = events
+                if !self.receipts.is_empty() {
+                    let registered: HashSet<&DeviceId> = events
                         .iter()
-                        .any(|e| e.device_id == device && e.previous_status.is_none());
-                    let _ = receipt.send(Ok(registered));
+                        .filter(|e| e.previous_status.is_none())
+                        .map(|e| &e.device_id)
+                        .collect();
+                    for (device, receipt) in self.receipts.drain(..) {
+                        let _ = receipt.send(Ok(registered.contains(&device)));
+                    }
                 }
                 Ok(())
             }

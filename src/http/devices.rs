@@ -20,7 +20,7 @@ use crate::device::DeviceId;
 use crate::event::StatusEvent;
 use crate::heartbeat::{Inbound, PayloadError, payload};
 use crate::status::Status;
-use crate::storage::{Device, DeviceQuery, Summary};
+use crate::storage::{Device, DeviceQuery, StoreError, Summary};
 
 /// Devices per page unless `limit` says otherwise, and the most it may say.
 const DEFAULT_LIMIT: u32 = 100;
@@ -30,6 +30,16 @@ const HEARTBEAT_WAIT: Duration = Duration::from_secs(10);
 
 fn device_id(text: &str) -> Result<DeviceId, ApiError> {
     DeviceId::parse(text).map_err(|e| ApiError::Unprocessable(format!("{text:?}: {e}")))
+}
+
+/// Cuts a page fetched with `limit + 1` rows back to `limit`; the cursor of the next
+/// page when there is one.
+fn next_page<T, C>(rows: &mut Vec<T>, limit: u32, cursor: impl FnOnce(&T) -> C) -> Option<C> {
+    if rows.len() <= limit as usize {
+        return None;
+    }
+    rows.truncate(limit as usize);
+    rows.last().map(cursor)
 }
 
 fn limit(requested: Option<u32>) -> Result<u32, ApiError> {
@@ -91,12 +101,7 @@ pub async fn list(
             limit: limit + 1,
         })
         .await?;
-    let next_cursor = if devices.len() > limit as usize {
-        devices.truncate(limit as usize);
-        devices.last().map(|d| d.device_id.to_string())
-    } else {
-        None
-    };
+    let next_cursor = next_page(&mut devices, limit, |d| d.device_id.to_string());
     Ok(Json(DeviceList {
         devices,
         next_cursor,
@@ -124,7 +129,7 @@ pub async fn get(
         .device(&id)
         .await?
         .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("device {id} not found")))
+        .ok_or_else(|| StoreError::NotFound(id).into())
 }
 
 /// A device an operator expects.
@@ -223,16 +228,13 @@ pub async fn events(
     let id = device_id(&id)?;
     let Query(params) = params.map_err(from_rejection)?;
     let limit = limit(params.limit)?;
-    if state.store.device(&id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("device {id} not found")));
-    }
     let mut page = state.store.events(&id, params.cursor, limit + 1).await?;
-    let next_cursor = if page.len() > limit as usize {
-        page.truncate(limit as usize);
-        page.last().map(|e| e.seq)
-    } else {
-        None
-    };
+    // Every device has at least its registration event, so only an empty page needs
+    // to ask whether the device exists.
+    if page.is_empty() && state.store.device(&id).await?.is_none() {
+        return Err(StoreError::NotFound(id).into());
+    }
+    let next_cursor = next_page(&mut page, limit, |e| e.seq);
     Ok(Json(EventList {
         events: page.into_iter().map(|stored| stored.event).collect(),
         next_cursor,

@@ -96,9 +96,6 @@ pub fn from_rejection(rejection: impl IntoResponse + std::fmt::Display) -> ApiEr
     match rejection.into_response().status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(message),
         StatusCode::UNPROCESSABLE_ENTITY => ApiError::Unprocessable(message),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::BAD_REQUEST => {
-            ApiError::BadRequest(message)
-        }
         _ => ApiError::BadRequest(message),
     }
 }

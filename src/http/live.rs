@@ -36,7 +36,8 @@ fn event(update: Result<LiveUpdate, BroadcastStreamRecvError>) -> Event {
     match update {
         Ok(LiveUpdate::Status(status)) => Event::default()
             .event("status")
-            .data(String::from_utf8_lossy(&status.to_json())),
+            // Serializing plain fields cannot fail.
+            .data(serde_json::to_string(&status).unwrap_or_default()),
         Ok(LiveUpdate::Deleted(device)) => Event::default()
             .event("deleted")
             .data(serde_json::json!({ "device_id": device }).to_string()),

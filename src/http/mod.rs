@@ -13,10 +13,11 @@ mod ops;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Router};
+use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -79,8 +80,8 @@ impl utoipa::Modify for BearerKey {
     }
 }
 
-/// The router and the OpenAPI document describing it.
-pub fn router(state: HttpState) -> (Router, utoipa::openapi::OpenApi) {
+/// The router, serving (at `/api/v1/openapi.json`) the OpenAPI document describing it.
+pub fn router(state: HttpState) -> Router {
     let api = OpenApiRouter::new()
         .routes(routes!(devices::list, devices::register))
         .routes(routes!(devices::get, devices::delete))
@@ -101,16 +102,23 @@ pub fn router(state: HttpState) -> (Router, utoipa::openapi::OpenApi) {
         .merge(api)
         .merge(public)
         .split_for_parts();
+    // Rendered once: the document is fixed for the life of the process.
+    let doc = OpenApiJson(Bytes::from(
+        serde_json::to_vec(&doc).expect("the OpenAPI document serialises"),
+    ));
     let max_body = state.max_payload;
-    let router = router
+    router
         .fallback(not_found)
         .layer(middleware::from_fn(json_method_not_allowed))
-        .layer(Extension(Arc::new(doc.clone())))
+        .layer(Extension(doc))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(TraceLayer::new_for_http())
-        .with_state(state);
-    (router, doc)
+        .with_state(state)
 }
+
+/// The OpenAPI document as served.
+#[derive(Clone)]
+struct OpenApiJson(Bytes);
 
 /// Serves until `shutdown` resolves, then lets requests in flight finish.
 pub async fn serve(
@@ -130,10 +138,8 @@ pub async fn serve(
         (status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
     ))]
-async fn openapi_json(
-    Extension(doc): Extension<Arc<utoipa::openapi::OpenApi>>,
-) -> Json<utoipa::openapi::OpenApi> {
-    Json((*doc).clone())
+async fn openapi_json(Extension(OpenApiJson(doc)): Extension<OpenApiJson>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], doc)
 }
 
 async fn not_found() -> ApiError {

@@ -162,6 +162,12 @@ impl Subscriber {
             Inbound::Heartbeat { .. } => self.metrics.heartbeats_received.fetch_add(1, Relaxed),
             _ => self.metrics.wills_received.fetch_add(1, Relaxed),
         };
+        // The queue usually has room: only a full one is waited on, and timed.
+        let message = match self.queue.try_send(message) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(message)) => message,
+        };
         let waited = Instant::now();
         if self.queue.send(message).await.is_err() {
             return false;

@@ -309,6 +309,11 @@ async fn refresh_steady(
         if refreshed == chunk.len() as u64 {
             continue;
         }
+        if refreshed == 0 {
+            // Typically a chunk of new devices: nothing to tell apart.
+            missed.extend(chunk.iter().map(|(u, _)| u.device.to_string()));
+            continue;
+        }
         // The fast path leaves statuses alone, so a row refreshed above still holds the
         // status it was matched on.
         let ids: Vec<&str> = chunk.iter().map(|(u, _)| u.device.as_str()).collect();

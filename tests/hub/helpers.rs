@@ -154,8 +154,7 @@ pub async fn start(settings: Settings, dir: tempfile::TempDir) -> TestApp {
 impl TestApp {
     /// A simulated device heartbeating every `interval`.
     pub async fn device(&self, id: &str, interval: Duration) -> SimDevice {
-        let config = DeviceConfig::new(self.url.clone(), id).interval(interval);
-        SimDevice::start(config).await.expect("device connects")
+        sim_device(&self.url, id, interval).await
     }
 
     pub async fn watch(&self) -> StatusWatcher {
@@ -189,13 +188,28 @@ impl TestApp {
         }
     }
 
-    pub async fn status_of(&self, id: &str) -> Option<Status> {
-        let id = id.parse().expect("valid id");
-        self.store
-            .device(&id)
+    /// The device as stored, if it exists.
+    /// Sends a request without a body (with the key, if any).
+    pub async fn send(&self, method: reqwest::Method, path: &str) -> reqwest::Response {
+        self.request(method, path).send().await.expect("request")
+    }
+
+    /// GETs `path` and reads its JSON body.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.send(reqwest::Method::GET, path)
             .await
-            .expect("store readable")
-            .map(|d| d.status)
+            .json()
+            .await
+            .expect("a JSON body")
+    }
+
+    pub async fn stored(&self, id: &str) -> Option<fleetwatch::storage::Device> {
+        let id = id.parse().expect("valid id");
+        self.store.device(&id).await.expect("store readable")
+    }
+
+    pub async fn status_of(&self, id: &str) -> Option<Status> {
+        self.stored(id).await.map(|d| d.status)
     }
 }
 
@@ -208,6 +222,12 @@ impl Drop for TestApp {
 }
 
 /// Awaits `future`, failing the test with `what` if it takes longer than `limit`.
+/// A simulated device on `url`, heartbeating every `interval`.
+pub async fn sim_device(url: &BrokerUrl, id: &str, interval: Duration) -> SimDevice {
+    let config = DeviceConfig::new(url.clone(), id).interval(interval);
+    SimDevice::start(config).await.expect("device connects")
+}
+
 pub async fn within<F: Future>(limit: Duration, what: &str, future: F) -> F::Output {
     match time::timeout(limit, future).await {
         Ok(output) => output,

@@ -22,6 +22,16 @@ async fn keyed_app() -> TestApp {
     .await
 }
 
+/// `field` of every element of the array `page[list]`.
+fn column(page: &Value, list: &str, field: &str) -> Vec<Value> {
+    page[list]
+        .as_array()
+        .expect(list)
+        .iter()
+        .map(|item| item[field].clone())
+        .collect()
+}
+
 async fn json_of(response: reqwest::Response) -> Value {
     response.json().await.expect("a JSON body")
 }
@@ -111,11 +121,7 @@ async fn every_api_route_needs_a_valid_key_and_the_public_ones_do_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_key_the_loopback_api_is_open() {
     let app = spawn_app(Broker::Embedded).await;
-    let response = app
-        .request(Method::GET, "/api/v1/devices")
-        .send()
-        .await
-        .expect("request");
+    let response = app.send(Method::GET, "/api/v1/devices").await;
     assert_eq!(response.status(), StatusCode::OK);
     app.stop().await;
 }
@@ -191,70 +197,29 @@ async fn devices_are_registered_paged_filtered_fetched_and_deleted() {
     );
 
     // Pages of two, in id order.
-    let page = json_of(
-        app.request(Method::GET, "/api/v1/devices?limit=2")
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
-    let ids: Vec<_> = page["devices"]
-        .as_array()
-        .expect("devices")
-        .iter()
-        .map(|d| d["device_id"].clone())
-        .collect();
+    let page = app.get_json("/api/v1/devices?limit=2").await;
+    let ids: Vec<_> = column(&page, "devices", "device_id");
     assert_eq!(ids, [json!("cam-1"), json!("cam-2")]);
     let cursor = page["next_cursor"].as_str().expect("a next page");
-    let page = json_of(
-        app.request(
-            Method::GET,
-            &format!("/api/v1/devices?limit=2&cursor={cursor}"),
-        )
-        .send()
-        .await
-        .expect("request"),
-    )
-    .await;
-    let ids: Vec<_> = page["devices"]
-        .as_array()
-        .expect("devices")
-        .iter()
-        .map(|d| d["device_id"].clone())
-        .collect();
+    let page = app
+        .get_json(&format!("/api/v1/devices?limit=2&cursor={cursor}"))
+        .await;
+    let ids: Vec<_> = column(&page, "devices", "device_id");
     assert_eq!(ids, [json!("cam-3"), json!("door-1")]);
     assert_eq!(page["next_cursor"], Value::Null);
-    let cams = json_of(
-        app.request(Method::GET, "/api/v1/devices?prefix=cam")
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
+    let cams = app.get_json("/api/v1/devices?prefix=cam").await;
     assert_eq!(cams["devices"].as_array().map(Vec::len), Some(3));
-    let online = json_of(
-        app.request(Method::GET, "/api/v1/devices?status=online")
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
+    let online = app.get_json("/api/v1/devices?status=online").await;
     assert_eq!(online["devices"].as_array().map(Vec::len), Some(0));
     for bad in ["status=asleep", "limit=0", "limit=many", "cursor=bad%20id"] {
         let response = app
-            .request(Method::GET, &format!("/api/v1/devices?{bad}"))
-            .send()
-            .await
-            .expect("request");
+            .send(Method::GET, &format!("/api/v1/devices?{bad}"))
+            .await;
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad}");
         assert!(json_of(response).await["error"].is_string(), "{bad}");
     }
 
-    let one = app
-        .request(Method::GET, "/api/v1/devices/door-1")
-        .send()
-        .await
-        .expect("request");
+    let one = app.send(Method::GET, "/api/v1/devices/door-1").await;
     assert_eq!(one.status(), StatusCode::OK);
     assert_eq!(json_of(one).await["status"], "provisioning");
     for (path, status) in [
@@ -262,32 +227,18 @@ async fn devices_are_registered_paged_filtered_fetched_and_deleted() {
         ("/api/v1/devices/bad%20id", StatusCode::UNPROCESSABLE_ENTITY),
         ("/api/v1/devices/ghost-1/events", StatusCode::NOT_FOUND),
     ] {
-        let response = app
-            .request(Method::GET, path)
-            .send()
-            .await
-            .expect("request");
+        let response = app.send(Method::GET, path).await;
         assert_eq!(response.status(), status, "{path}");
         assert!(json_of(response).await["error"].is_string(), "{path}");
     }
 
-    let deleted = app
-        .request(Method::DELETE, "/api/v1/devices/door-1")
-        .send()
-        .await
-        .expect("request");
+    let deleted = app.send(Method::DELETE, "/api/v1/devices/door-1").await;
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
-    let again = app
-        .request(Method::DELETE, "/api/v1/devices/door-1")
-        .send()
-        .await
-        .expect("request");
+    let again = app.send(Method::DELETE, "/api/v1/devices/door-1").await;
     assert_eq!(again.status(), StatusCode::NOT_FOUND);
     assert_eq!(
-        app.request(Method::GET, "/api/v1/devices/door-1")
-            .send()
+        app.send(Method::GET, "/api/v1/devices/door-1")
             .await
-            .expect("request")
             .status(),
         StatusCode::NOT_FOUND
     );
@@ -343,13 +294,7 @@ async fn an_http_heartbeat_is_handled_exactly_like_an_mqtt_one() {
     watcher
         .expect("agent-1", Status::Error, "device_error")
         .await;
-    let device = json_of(
-        app.request(Method::GET, "/api/v1/devices/agent-1")
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
+    let device = app.get_json("/api/v1/devices/agent-1").await;
     assert_eq!(
         (device["error"].as_str(), device["hostname"].as_str()),
         (Some("disk full"), Some("srv-1"))
@@ -423,37 +368,16 @@ async fn history_is_newest_first_and_paged_and_summary_counts_statuses() {
         assert_eq!(response.status(), StatusCode::OK);
         watcher.expect("hist-1", status, reason).await;
     }
-    let page = json_of(
-        app.request(Method::GET, "/api/v1/devices/hist-1/events?limit=2")
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
-    let reasons: Vec<_> = page["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .map(|e| e["reason"].clone())
-        .collect();
+    let page = app.get_json("/api/v1/devices/hist-1/events?limit=2").await;
+    let reasons: Vec<_> = column(&page, "events", "reason");
     assert_eq!(reasons, [json!("heartbeat"), json!("device_error")]);
     let cursor = page["next_cursor"].as_i64().expect("an older page");
-    let page = json_of(
-        app.request(
-            Method::GET,
-            &format!("/api/v1/devices/hist-1/events?limit=2&cursor={cursor}"),
-        )
-        .send()
-        .await
-        .expect("request"),
-    )
-    .await;
-    let reasons: Vec<_> = page["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .map(|e| e["reason"].clone())
-        .collect();
+    let page = app
+        .get_json(&format!(
+            "/api/v1/devices/hist-1/events?limit=2&cursor={cursor}"
+        ))
+        .await;
+    let reasons: Vec<_> = column(&page, "events", "reason");
     assert_eq!(reasons, [json!("registered")]);
 
     app.request(Method::POST, "/api/v1/devices")
@@ -461,13 +385,7 @@ async fn history_is_newest_first_and_paged_and_summary_counts_statuses() {
         .send()
         .await
         .expect("request");
-    let summary = json_of(
-        app.request(Method::GET, "/api/v1/summary")
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
+    let summary = app.get_json("/api/v1/summary").await;
     assert_eq!(
         summary,
         json!({"provisioning": 1, "online": 1, "offline": 0, "error": 0, "total": 2})
@@ -478,18 +396,10 @@ async fn history_is_newest_first_and_paged_and_summary_counts_statuses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_routes_and_methods_answer_in_json() {
     let app = keyed_app().await;
-    let missing = app
-        .request(Method::GET, "/api/v1/nothing-here")
-        .send()
-        .await
-        .expect("request");
+    let missing = app.send(Method::GET, "/api/v1/nothing-here").await;
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     assert!(json_of(missing).await["error"].is_string());
-    let wrong = app
-        .request(Method::PUT, "/api/v1/devices")
-        .send()
-        .await
-        .expect("request");
+    let wrong = app.send(Method::PUT, "/api/v1/devices").await;
     assert_eq!(wrong.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert!(wrong.headers().contains_key("allow"));
     assert!(json_of(wrong).await["error"].is_string());
@@ -597,11 +507,7 @@ async fn metrics_count_what_happened() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_follows_status_changes_live() {
     let app = keyed_app().await;
-    let mut stream = app
-        .request(Method::GET, "/api/v1/stream")
-        .send()
-        .await
-        .expect("request");
+    let mut stream = app.send(Method::GET, "/api/v1/stream").await;
     assert_eq!(stream.status(), StatusCode::OK);
     assert!(
         stream.headers()["content-type"]
@@ -618,10 +524,7 @@ async fn the_stream_follows_status_changes_live() {
     })
     .await;
     assert!(received.contains("event: status"), "{received}");
-    app.request(Method::DELETE, "/api/v1/devices/live-1")
-        .send()
-        .await
-        .expect("request");
+    app.send(Method::DELETE, "/api/v1/devices/live-1").await;
     within(PATIENCE, "the deletion on the stream", async {
         while !received.contains("event: deleted") {
             let chunk = stream.chunk().await.expect("stream open").expect("a chunk");
@@ -636,13 +539,7 @@ async fn the_stream_follows_status_changes_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_lists_every_route_and_each_answers_as_documented() {
     let app = keyed_app().await;
-    let doc = json_of(
-        app.request(Method::GET, "/api/v1/openapi.json")
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
+    let doc = app.get_json("/api/v1/openapi.json").await;
     let mut documented = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().expect("paths") {
         for (method, _) in item.as_object().expect("path item") {

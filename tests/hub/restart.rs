@@ -147,18 +147,8 @@ async fn sigkill_and_restart_lose_nothing_repeat_nothing_and_respect_the_grace()
     hub.wait_for_line("subscribed to device heartbeats").await;
     let mut watcher = StatusWatcher::connect(&url).await;
     // Alive to the end: dropping it would fire its Will.
-    let _beating = firmware_sim::SimDevice::start(
-        firmware_sim::DeviceConfig::new(url.clone(), "keeps-beating")
-            .interval(Duration::from_millis(300)),
-    )
-    .await
-    .expect("device");
-    let quiet = firmware_sim::SimDevice::start(
-        firmware_sim::DeviceConfig::new(url.clone(), "goes-quiet")
-            .interval(Duration::from_millis(300)),
-    )
-    .await
-    .expect("device");
+    let _beating = sim_device(&url, "keeps-beating", Duration::from_millis(300)).await;
+    let quiet = sim_device(&url, "goes-quiet", Duration::from_millis(300)).await;
     let beating_online = watcher
         .expect("keeps-beating", Status::Online, "registered")
         .await;

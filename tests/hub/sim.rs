@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use firmware_sim::{Fleet, FleetConfig, QoS};
-use tokio::time;
 
 use crate::helpers::*;
 
@@ -24,20 +23,18 @@ async fn a_finished_fleet_has_delivered_every_heartbeat_it_counted_as_sent() {
         lwt: true,
     });
     let stats = Arc::clone(&fleet.stats);
-    within(PATIENCE, "the fleet to send", async {
-        while stats.sent.load(Relaxed) < 2_000 {
-            time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually(PATIENCE, "the fleet to send", || async {
+        stats.sent.load(Relaxed) >= 2_000
     })
     .await;
     let clean = fleet.finish(PATIENCE).await;
     assert_eq!(clean, 4, "every connection disconnects cleanly");
     let sent = stats.sent.load(Relaxed);
-    within(PATIENCE, "every sent heartbeat to reach the hub", async {
-        while app.metrics.heartbeats_received.load(Relaxed) < sent {
-            time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    eventually(
+        PATIENCE,
+        "every sent heartbeat to reach the hub",
+        || async { app.metrics.heartbeats_received.load(Relaxed) >= sent },
+    )
     .await;
     assert_eq!(app.metrics.heartbeats_received.load(Relaxed), sent);
     // A clean end is not a lost connection: no Will fired.
