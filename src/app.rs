@@ -29,8 +29,9 @@ use crate::alerts::AlertChannel;
 use crate::checker::{Listening, OfflineChecker};
 use crate::clock::{Clock, Timestamp};
 use crate::config::{BrokerMode, ConfigError, Settings};
-use crate::heartbeat::{FlushHandle, HeartbeatHandler};
-use crate::http::{self, Health, HttpState};
+use crate::health::{Health, RecordWrites, Thresholds};
+use crate::heartbeat::{FlushHandle, HeartbeatHandler, Limits, Unsaved};
+use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::mqtt::broker::{BrokerError, EmbeddedBroker};
 use crate::mqtt::publisher::{DRAIN_TIMEOUT, Publisher};
@@ -50,9 +51,14 @@ pub enum StartError {
     Http(SocketAddr, std::io::Error),
 }
 
+/// Why the hub stopped other than by request, or what it could not finish.
 #[derive(Debug, thiserror::Error)]
-#[error("the {0} failed; the hub stopped")]
-pub struct RunError(&'static str);
+pub enum RunError {
+    #[error("the {0} failed; the hub stopped")]
+    Failed(&'static str),
+    #[error(transparent)]
+    Unsaved(#[from] Unsaved),
+}
 
 pub struct Application {
     settings: Settings,
@@ -62,6 +68,7 @@ pub struct Application {
     endpoint: Endpoint,
     broker: Option<EmbeddedBroker>,
     listening: (watch::Sender<Option<Timestamp>>, Listening),
+    health: Arc<Health>,
     http: TcpListener,
 }
 
@@ -104,6 +111,22 @@ impl Application {
             client_id,
             max_payload,
         };
+        let listening = watch::channel(None);
+        let embedded = broker.as_ref().map(|broker| {
+            (
+                broker.local_addr(),
+                format!("{}-health", endpoint.client_id),
+            )
+        });
+        let health = Arc::new(Health::new(
+            Thresholds {
+                commit_lag: settings.health.commit_lag,
+                publish_lag: settings.health.publish_lag,
+            },
+            listening.1.clone(),
+            embedded,
+        ));
+        let store = Arc::new(RecordWrites::new(store, Arc::clone(&health)));
         Ok(Self {
             settings,
             clock,
@@ -111,7 +134,8 @@ impl Application {
             metrics: Arc::new(Metrics::default()),
             endpoint,
             broker,
-            listening: watch::channel(None),
+            listening,
+            health,
             http,
         })
     }
@@ -153,15 +177,18 @@ impl Application {
         let ingest_stop = CancellationToken::new();
         let publish_stop = CancellationToken::new();
         let (listening_tx, listening) = self.listening;
-        let listening_for_http = listening.clone();
         let queue_for_http = queue.clone();
 
         let handler = HeartbeatHandler::new(
             Arc::clone(&self.store),
             alerts.clone(),
             Arc::clone(&self.metrics),
-            hb.flush_interval,
-            hb.max_batch,
+            Arc::clone(&self.health),
+            Limits {
+                flush_interval: hb.flush_interval,
+                max_batch: hb.max_batch,
+                max_uncommitted: hb.max_uncommitted,
+            },
         );
         let mut handler_task = tokio::spawn(handler.run(inbox));
 
@@ -190,6 +217,7 @@ impl Application {
             Arc::clone(&self.store),
             alerts.outbox_changed(),
             Arc::clone(&self.metrics),
+            Arc::clone(&self.health),
             self.clock.clone(),
         );
         let mut publisher_task = tokio::spawn(publisher.run(publish_stop.clone()));
@@ -198,12 +226,6 @@ impl Application {
         if keys.is_empty() {
             tracing::warn!(listen = %self.settings.http.listen, "the HTTP API has no API key: anyone who can reach this loopback address can use it");
         }
-        let embedded = self.broker.as_ref().map(|broker| {
-            (
-                broker.local_addr(),
-                format!("{}-health", self.endpoint.client_id),
-            )
-        });
         let closing = CancellationToken::new();
         let router = http::router(HttpState {
             store: Arc::clone(&self.store),
@@ -213,7 +235,7 @@ impl Application {
             alerts: alerts.clone(),
             keys: keys.into(),
             max_payload: hb.max_payload,
-            health: Arc::new(Health::new(embedded, listening_for_http)),
+            health: Arc::clone(&self.health),
             closing: closing.clone(),
         });
         let http_addr = self.http.local_addr().ok();
@@ -264,7 +286,18 @@ impl Application {
         settle(subscriber_task).await;
         settle(checker_task).await;
         // Both queue senders are gone now: the handler drains what is queued and stops.
-        settle(handler_task).await;
+        let unsaved = if handler_task.is_finished() {
+            None
+        } else {
+            match handler_task.await {
+                Ok(Ok(())) => None,
+                Ok(Err(unsaved)) => Some(unsaved),
+                Err(e) => {
+                    tracing::error!(error = %e, "heartbeat handler failed during shutdown");
+                    None
+                }
+            }
+        };
         publish_stop.cancel();
         let publisher_deadline = DRAIN_TIMEOUT + Duration::from_secs(1);
         if tokio::time::timeout(publisher_deadline, settle(publisher_task))
@@ -274,9 +307,10 @@ impl Application {
             tracing::warn!("status publisher did not stop in time");
         }
         tracing::info!("fleetwatch stopped");
-        match failed {
-            Some(task) => Err(RunError(task)),
-            None => Ok(()),
+        match (failed, unsaved) {
+            (_, Some(unsaved)) => Err(unsaved.into()),
+            (Some(task), None) => Err(RunError::Failed(task)),
+            (None, None) => Ok(()),
         }
     }
 }

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alerts::AlertChannel;
 use crate::clock::{Clock, Timestamp};
 use crate::event::StatusEvent;
+use crate::health::Outage;
 use crate::heartbeat::{FlushError, FlushHandle};
 use crate::metrics::Metrics;
 use crate::storage::{Store, StoreError};
@@ -131,6 +132,7 @@ impl OfflineChecker {
 
     /// A pass every `interval` until `shutdown`.
     pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
+        let mut outage = Outage::default();
         let mut ticker = time::interval(interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -145,6 +147,11 @@ impl OfflineChecker {
             };
             self.metrics.check.observe_duration(started.elapsed());
             let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+            if result.is_ok()
+                && let Some(lasted) = outage.ended()
+            {
+                tracing::info!(after_s = lasted.as_secs_f64(), "offline checks work again");
+            }
             match result {
                 Ok(Pass::Checked(events)) => {
                     tracing::debug!(went_offline = events.len(), elapsed_ms, "offline check")
@@ -158,7 +165,9 @@ impl OfflineChecker {
                 Err(CheckError::Flush(FlushError::Stopped)) => return,
                 Err(e) => {
                     self.metrics.check_errors.fetch_add(1, Relaxed);
-                    tracing::warn!(error = %e, "offline check failed; retrying next interval");
+                    if outage.failed() {
+                        tracing::warn!(error = %e, "offline check failed; retrying every interval");
+                    }
                 }
             }
         }
@@ -169,86 +178,13 @@ impl OfflineChecker {
 mod tests {
     use std::sync::Mutex;
 
-    use async_trait::async_trait;
     use tokio::sync::mpsc;
 
     use super::*;
     use crate::config::Settings;
     use crate::device::DeviceId;
-    use crate::event::StoredEvent;
     use crate::heartbeat::Inbound;
-    use crate::heartbeat::batch::DeviceUpdate;
-    use crate::status::{Signal, Status, transition};
-    use crate::storage::{Device, DeviceQuery, OutboxItem, Summary};
-
-    /// Devices and their last_seen; `mark_offline` takes the overdue ones, once.
-    #[derive(Default)]
-    struct FakeStore {
-        watched: Mutex<Vec<(DeviceId, Timestamp)>>,
-        passes: Mutex<Vec<(Timestamp, Timestamp)>>,
-    }
-
-    #[async_trait]
-    impl Store for FakeStore {
-        async fn apply(&self, _: &[DeviceUpdate]) -> Result<Vec<StatusEvent>, StoreError> {
-            Ok(Vec::new())
-        }
-        async fn mark_offline(
-            &self,
-            cutoff: Timestamp,
-            now: Timestamp,
-        ) -> Result<Vec<StatusEvent>, StoreError> {
-            self.passes.lock().expect("lock").push((cutoff, now));
-            let mut watched = self.watched.lock().expect("lock");
-            let (overdue, fine): (Vec<_>, Vec<_>) =
-                watched.drain(..).partition(|(_, seen)| *seen < cutoff);
-            *watched = fine;
-            let timeout = transition(Some(Status::Online), Signal::Timeout).expect("transition");
-            Ok(overdue
-                .into_iter()
-                .map(|(id, seen)| StatusEvent::new(id, timeout, Some(seen), now))
-                .collect())
-        }
-        async fn register(&self, _: &DeviceId, _: Timestamp) -> Result<StatusEvent, StoreError> {
-            unimplemented!("not used by the checker")
-        }
-        async fn unpublished(&self, _: i64, _: u32) -> Result<Vec<OutboxItem>, StoreError> {
-            Ok(Vec::new())
-        }
-        async fn mark_published(&self, _: &[i64], _: Timestamp) -> Result<(), StoreError> {
-            Ok(())
-        }
-        async fn current_events(
-            &self,
-            _: Option<&DeviceId>,
-            _: u32,
-        ) -> Result<Vec<StoredEvent>, StoreError> {
-            Ok(Vec::new())
-        }
-        async fn device(&self, _: &DeviceId) -> Result<Option<Device>, StoreError> {
-            Ok(None)
-        }
-        async fn devices(&self, _: &DeviceQuery) -> Result<Vec<Device>, StoreError> {
-            Ok(Vec::new())
-        }
-        async fn events(
-            &self,
-            _: &DeviceId,
-            _: Option<i64>,
-            _: u32,
-        ) -> Result<Vec<StoredEvent>, StoreError> {
-            Ok(Vec::new())
-        }
-        async fn summary(&self) -> Result<Summary, StoreError> {
-            Ok(Summary::default())
-        }
-        async fn delete(&self, _: &DeviceId, _: Timestamp) -> Result<(), StoreError> {
-            Ok(())
-        }
-        async fn ping(&self) -> Result<(), StoreError> {
-            Ok(())
-        }
-    }
+    use crate::storage::fake::FakeStore;
 
     struct Harness {
         checker: OfflineChecker,

@@ -27,6 +27,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub heartbeat: HeartbeatSettings,
     pub http: HttpSettings,
+    pub health: HealthSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -129,6 +130,22 @@ pub struct HeartbeatSettings {
     pub max_batch: usize,
     /// Largest accepted heartbeat payload, in bytes.
     pub max_payload: usize,
+    /// Distinct devices whose heartbeats the hub holds while commits fail; past this
+    /// it stops reading (the broker buffers; HTTP heartbeats get 503).
+    pub max_uncommitted: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    /// `/healthz` and `/readyz` fail once a received heartbeat has waited this long to
+    /// be committed.
+    #[serde(with = "humantime_serde")]
+    pub commit_lag: Duration,
+    /// `/healthz` fails once status events have waited this long without the broker
+    /// acknowledging any.
+    #[serde(with = "humantime_serde")]
+    pub publish_lag: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,11 +208,16 @@ impl Default for Settings {
                 queue_capacity: 16_384,
                 max_batch: 20_000,
                 max_payload: DEFAULT_MAX_PAYLOAD,
+                max_uncommitted: 200_000,
             },
             http: HttpSettings {
                 listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
                 api_key: None,
                 api_keys: Vec::new(),
+            },
+            health: HealthSettings {
+                commit_lag: Duration::from_secs(10),
+                publish_lag: Duration::from_secs(30),
             },
         }
     }
@@ -276,6 +298,8 @@ impl Settings {
             ("heartbeat.offline_after", hb.offline_after),
             ("heartbeat.check_interval", hb.check_interval),
             ("heartbeat.flush_interval", hb.flush_interval),
+            ("health.commit_lag", self.health.commit_lag),
+            ("health.publish_lag", self.health.publish_lag),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::key(key, "must be greater than zero"));
@@ -285,6 +309,7 @@ impl Settings {
             ("heartbeat.queue_capacity", hb.queue_capacity, 1_000_000),
             ("heartbeat.max_batch", hb.max_batch, 1_000_000),
             ("heartbeat.max_payload", hb.max_payload, 16 * 1024 * 1024),
+            ("heartbeat.max_uncommitted", hb.max_uncommitted, 100_000_000),
         ] {
             if value == 0 || value > max {
                 return Err(ConfigError::key(

@@ -17,7 +17,8 @@
 //!   acknowledged.
 //!
 //! [`app`] wires them together with an ordered shutdown; [`config`] and [`cli`] are
-//! the edges; [`clock`] is the one source of time; [`metrics`] counts.
+//! the edges; [`clock`] is the one source of time; [`metrics`] counts; [`health`] is
+//! what the parts report about whether the hub can do its job.
 
 pub mod alerts;
 pub mod app;
@@ -27,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod device;
 pub mod event;
+pub mod health;
 pub mod heartbeat;
 pub mod http;
 pub mod metrics;

@@ -4,6 +4,12 @@
 //! and commits a batch every `flush_interval`, when `max_batch` devices are pending,
 //! when the offline checker asks, and at shutdown. A transition's event is committed
 //! with the batch, before anything is published.
+//!
+//! A failed commit loses nothing: the batch is kept, merged with what arrives meanwhile,
+//! and retried after a pause that grows to a second. What it holds is bounded by
+//! `max_uncommitted` devices; past that the handler stops taking from the queue, so
+//! the pressure goes back to the subscriber (which then counts as not listening: no
+//! device goes offline for the database's fault) and to HTTP clients (503).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,13 +23,20 @@ use super::batch::Batch;
 use super::{Inbound, Receipt};
 use crate::alerts::AlertChannel;
 use crate::device::DeviceId;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::storage::Store;
 
 /// Messages taken from the queue per wake-up.
 const RECV_CHUNK: usize = 1024;
-/// Attempts at the final flush during shutdown before giving up.
-const FINAL_FLUSH_ATTEMPTS: u32 = 10;
+/// The first pause after a failed commit; it doubles up to [`RETRY_MAX`], so a
+/// database that comes back is written again within a second.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// While commits fail, how often the failure is logged again.
+const LOG_EVERY: Duration = Duration::from_secs(30);
+/// At shutdown, how long to keep retrying a failing commit before giving up.
+const FINAL_FLUSH_WINDOW: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FlushError {
@@ -58,11 +71,44 @@ pub struct HeartbeatHandler {
     store: Arc<dyn Store>,
     alerts: AlertChannel,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     batch: Batch,
     /// Heartbeats whose sender waits to hear they were committed.
     receipts: Vec<(DeviceId, Receipt)>,
-    flush_interval: Duration,
-    max_batch: usize,
+    limits: Limits,
+    /// When the oldest heartbeat in `batch` arrived.
+    held_since: Option<Instant>,
+    /// Set while commits fail.
+    failing: Option<Failing>,
+}
+
+/// How the handler batches and how much it may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub flush_interval: Duration,
+    /// Distinct devices pending that trigger a flush before `flush_interval`.
+    pub max_batch: usize,
+    /// Distinct devices held while commits fail before the handler stops taking more.
+    pub max_uncommitted: usize,
+}
+
+/// Commits are failing: when to try again and what to tell.
+#[derive(Debug)]
+struct Failing {
+    since: Instant,
+    attempts: u32,
+    retry_at: Instant,
+    delay: Duration,
+    logged_at: Instant,
+    error: String,
+}
+
+/// What the handler could not commit before it stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("could not commit the heartbeats of {devices} devices before stopping ({error})")]
+pub struct Unsaved {
+    pub devices: usize,
+    pub error: String,
 }
 
 impl HeartbeatHandler {
@@ -70,28 +116,41 @@ impl HeartbeatHandler {
         store: Arc<dyn Store>,
         alerts: AlertChannel,
         metrics: Arc<Metrics>,
-        flush_interval: Duration,
-        max_batch: usize,
+        health: Arc<Health>,
+        limits: Limits,
     ) -> Self {
         Self {
             store,
             alerts,
             metrics,
+            health,
             batch: Batch::default(),
             receipts: Vec::new(),
-            flush_interval,
-            max_batch: max_batch.max(1),
+            limits: Limits {
+                max_batch: limits.max_batch.max(1),
+                max_uncommitted: limits.max_uncommitted.max(1),
+                ..limits
+            },
+            held_since: None,
+            failing: None,
         }
     }
 
-    /// Runs until every sender of `queue` is gone, then commits what is left.
-    pub async fn run(mut self, mut queue: mpsc::Receiver<Inbound>) {
-        let mut ticker = time::interval(self.flush_interval);
+    /// Runs until every sender of `queue` is gone, then commits what is left. `Err`
+    /// says what could not be committed by then.
+    pub async fn run(mut self, mut queue: mpsc::Receiver<Inbound>) -> Result<(), Unsaved> {
+        let mut ticker = time::interval(self.limits.flush_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut chunk = Vec::with_capacity(RECV_CHUNK);
         loop {
+            // Holding as much as allowed (checked per chunk taken, so the bound is
+            // `max_uncommitted` plus at most one chunk): take nothing more until a
+            // commit succeeds.
+            // The queue fills, the subscriber stalls (the checker's grace restarts),
+            // and HTTP heartbeats time out with 503.
+            let full = self.batch.len() >= self.limits.max_uncommitted;
             tokio::select! {
-                received = queue.recv_many(&mut chunk, RECV_CHUNK) => {
+                received = queue.recv_many(&mut chunk, RECV_CHUNK), if !full => {
                     if received == 0 {
                         break;
                     }
@@ -99,17 +158,26 @@ impl HeartbeatHandler {
                     for message in chunk.drain(..) {
                         self.take(message).await;
                     }
-                    if self.batch.len() >= self.max_batch {
+                    if self.batch.len() >= self.limits.max_batch {
                         // A failure is logged and the batch kept for the next attempt.
-                        let _ = self.flush().await;
+                        let _ = self.flush_when_due().await;
                     }
+                    self.report();
                 }
                 _ = ticker.tick() => {
-                    let _ = self.flush().await;
+                    let _ = self.flush_when_due().await;
+                    if full && queue.is_closed() {
+                        break;
+                    }
                 }
             }
         }
-        self.final_flush().await;
+        // Stopping: whatever is still queued is taken, however much that is (the
+        // queue is bounded), then committed if the database lets us.
+        while let Ok(message) = queue.try_recv() {
+            self.take(message).await;
+        }
+        self.final_flush().await
     }
 
     async fn take(&mut self, message: Inbound) {
@@ -120,18 +188,43 @@ impl HeartbeatHandler {
                 heartbeat,
                 receipt,
             } => {
+                self.hold();
                 if let Some(receipt) = receipt {
                     self.receipts.push((device.clone(), receipt));
                 }
                 self.batch.add_heartbeat(device, at, *heartbeat);
             }
-            Inbound::ConnectionLost { device, at } => self.batch.add_connection_lost(device, at),
+            Inbound::ConnectionLost { device, at } => {
+                self.hold();
+                self.batch.add_connection_lost(device, at);
+            }
             Inbound::Flush { reply } => {
-                let result = self.flush().await;
+                let result = self.flush_when_due().await;
                 // The asker may have given up; nothing to do then.
                 let _ = reply.send(result);
             }
         }
+    }
+
+    /// Notes when the batch starts holding something.
+    fn hold(&mut self) {
+        if self.batch.is_empty() {
+            self.held_since = Some(Instant::now());
+        }
+    }
+
+    fn report(&self) {
+        self.health.uncommitted(self.batch.len(), self.held_since);
+    }
+
+    /// Flushes, unless commits are failing and the next retry is not due yet.
+    async fn flush_when_due(&mut self) -> Result<(), FlushError> {
+        if let Some(failing) = &self.failing
+            && Instant::now() < failing.retry_at
+        {
+            return Err(FlushError::Store(failing.error.clone()));
+        }
+        self.flush().await
     }
 
     async fn flush(&mut self) -> Result<(), FlushError> {
@@ -141,8 +234,11 @@ impl HeartbeatHandler {
         let messages = self.batch.messages() as u64;
         let updates = self.batch.take();
         let started = Instant::now();
-        match self.store.apply(&updates).await {
+        let result = self.store.apply(&updates).await;
+        let outcome = match result {
             Ok(events) => {
+                self.held_since = None;
+                self.recovered();
                 self.metrics.flush.observe_duration(started.elapsed());
                 self.metrics.batch_rows.observe(updates.len() as u64);
                 self.metrics.flush_messages.fetch_add(messages, Relaxed);
@@ -168,23 +264,259 @@ impl HeartbeatHandler {
             }
             Err(e) => {
                 self.metrics.flush_errors.fetch_add(1, Relaxed);
-                tracing::error!(error = %e, devices = updates.len(), "could not commit heartbeats; keeping them for the next flush");
                 self.batch.restore(updates);
-                Err(FlushError::Store(e.to_string()))
+                let error = e.to_string();
+                self.failed(&error);
+                // The heartbeats stay held and will be committed, but their senders
+                // should not wait for that: they hear now that it has not happened.
+                for (_, receipt) in self.receipts.drain(..) {
+                    let _ = receipt.send(Err(FlushError::Store(error.clone())));
+                }
+                Err(FlushError::Store(error))
+            }
+        };
+        self.report();
+        outcome
+    }
+
+    fn failed(&mut self, error: &str) {
+        let now = Instant::now();
+        let held = self.batch.len();
+        match &mut self.failing {
+            None => {
+                tracing::error!(
+                    error,
+                    devices = held,
+                    "could not commit heartbeats; holding them and retrying"
+                );
+                self.failing = Some(Failing {
+                    since: now,
+                    attempts: 1,
+                    retry_at: now + RETRY_FIRST,
+                    delay: RETRY_FIRST * 2,
+                    logged_at: now,
+                    error: error.to_string(),
+                });
+            }
+            Some(failing) => {
+                failing.attempts += 1;
+                failing.retry_at = now + failing.delay;
+                failing.delay = (failing.delay * 2).min(RETRY_MAX);
+                failing.error = error.to_string();
+                if now.duration_since(failing.logged_at) >= LOG_EVERY {
+                    failing.logged_at = now;
+                    tracing::error!(
+                        error,
+                        devices = held,
+                        attempts = failing.attempts,
+                        failing_for_s = now.duration_since(failing.since).as_secs(),
+                        "still cannot commit heartbeats; holding them and retrying"
+                    );
+                }
             }
         }
     }
 
-    async fn final_flush(&mut self) {
-        for attempt in 1..=FINAL_FLUSH_ATTEMPTS {
-            if self.flush().await.is_ok() {
-                return;
-            }
-            time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+    fn recovered(&mut self) {
+        if let Some(failing) = self.failing.take() {
+            tracing::info!(
+                attempts = failing.attempts,
+                failed_for_s = failing.since.elapsed().as_secs_f64(),
+                "heartbeats are committed again"
+            );
         }
-        tracing::error!(
-            devices = self.batch.len(),
-            "gave up committing heartbeats at shutdown"
+    }
+
+    /// Keeps trying to commit what is held for up to [`FINAL_FLUSH_WINDOW`].
+    async fn final_flush(&mut self) -> Result<(), Unsaved> {
+        let deadline = Instant::now() + FINAL_FLUSH_WINDOW;
+        let mut delay = RETRY_FIRST;
+        loop {
+            let error = match self.flush().await {
+                Ok(()) => return Ok(()),
+                Err(FlushError::Store(error)) => error,
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() + delay > deadline {
+                let unsaved = Unsaved {
+                    devices: self.batch.len(),
+                    error,
+                };
+                tracing::error!(
+                    devices = unsaved.devices,
+                    error = %unsaved.error,
+                    "gave up committing heartbeats at shutdown; they are lost"
+                );
+                return Err(unsaved);
+            }
+            time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Timestamp;
+    use crate::health::Thresholds;
+    use crate::heartbeat::Heartbeat;
+    use crate::storage::fake::FakeStore;
+
+    const FLUSH: Duration = Duration::from_millis(250);
+
+    struct Harness {
+        store: Arc<FakeStore>,
+        health: Arc<Health>,
+        queue: mpsc::Sender<Inbound>,
+        run: tokio::task::JoinHandle<Result<(), Unsaved>>,
+    }
+
+    fn harness(max_uncommitted: usize, capacity: usize) -> Harness {
+        let store = Arc::new(FakeStore::default());
+        let metrics = Arc::new(Metrics::default());
+        let health = Arc::new(Health::new(
+            Thresholds {
+                commit_lag: Duration::from_secs(10),
+                publish_lag: Duration::from_secs(30),
+            },
+            tokio::sync::watch::channel(None).1,
+            None,
+        ));
+        let handler = HeartbeatHandler::new(
+            store.clone(),
+            AlertChannel::new(Arc::clone(&metrics)),
+            metrics,
+            Arc::clone(&health),
+            Limits {
+                flush_interval: FLUSH,
+                max_batch: 1000,
+                max_uncommitted,
+            },
+        );
+        let (queue, inbox) = mpsc::channel(capacity);
+        let run = tokio::spawn(handler.run(inbox));
+        Harness {
+            store,
+            health,
+            queue,
+            run,
+        }
+    }
+
+    fn beat(device: &str) -> Inbound {
+        Inbound::Heartbeat {
+            device: DeviceId::parse(device).expect("valid id"),
+            at: Timestamp::from_unix_millis(1_000),
+            heartbeat: Box::new(Heartbeat::default()),
+            receipt: None,
+        }
+    }
+
+    /// Lets the handler run through `span` of paused time.
+    async fn pass(span: Duration) {
+        let step = Duration::from_millis(10);
+        let mut gone = Duration::ZERO;
+        while gone < span {
+            time::advance(step).await;
+            tokio::task::yield_now().await;
+            gone += step;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_commit_keeps_the_heartbeats_and_retries_until_one_succeeds() {
+        let h = harness(100, 100);
+        h.store.fail(Some("disk full"));
+        h.queue.send(beat("a")).await.expect("queued");
+        pass(FLUSH * 2).await;
+        assert!(h.store.committed_devices().is_empty());
+        assert!(h.health.writes().is_ok(), "the fake store is not wrapped");
+        h.queue.send(beat("b")).await.expect("queued");
+        pass(Duration::from_secs(5)).await;
+        let attempts = *h.store.attempts.lock().expect("lock");
+        assert!(
+            (3..=12).contains(&attempts),
+            "retries back off to one a second: {attempts} attempts in 5 s"
+        );
+
+        h.store.fail(None);
+        pass(RETRY_MAX + FLUSH).await;
+        let mut committed = h.store.committed_devices();
+        committed.sort();
+        assert_eq!(committed, ["a", "b"], "both kept, committed once");
+        drop(h.queue);
+        assert_eq!(h.run.await.expect("join"), Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_max_uncommitted_devices_the_handler_takes_nothing_more() {
+        let h = harness(2, 10);
+        h.store.fail(Some("disk full"));
+        for device in ["a", "b"] {
+            h.queue.send(beat(device)).await.expect("queued");
+        }
+        pass(FLUSH * 2).await;
+        for device in ["c", "d", "e"] {
+            h.queue.send(beat(device)).await.expect("queued");
+        }
+        pass(Duration::from_secs(3)).await;
+        assert_eq!(
+            10 - h.queue.capacity(),
+            3,
+            "holding two devices, it takes nothing more"
+        );
+
+        h.store.fail(None);
+        pass(Duration::from_secs(3)).await;
+        let mut committed = h.store.committed_devices();
+        committed.sort();
+        assert_eq!(committed, ["a", "b", "c", "d", "e"]);
+        drop(h.queue);
+        assert_eq!(h.run.await.expect("join"), Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_http_heartbeat_hears_at_once_that_its_commit_failed() {
+        let h = harness(100, 100);
+        h.store.fail(Some("disk full"));
+        let (receipt, answer) = oneshot::channel();
+        h.queue
+            .send(Inbound::Heartbeat {
+                device: DeviceId::parse("agent").expect("valid id"),
+                at: Timestamp::from_unix_millis(1_000),
+                heartbeat: Box::default(),
+                receipt: Some(receipt),
+            })
+            .await
+            .expect("queued");
+        let answer = time::timeout(FLUSH * 2, answer)
+            .await
+            .expect("answered within a flush")
+            .expect("answered");
+        assert!(matches!(answer, Err(FlushError::Store(why)) if why.contains("disk full")));
+        drop(h.queue);
+        let _ = h.run.await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_that_cannot_commit_says_how_many_devices_it_lost() {
+        let h = harness(100, 100);
+        h.store.fail(Some("disk full"));
+        for device in ["a", "b", "a"] {
+            h.queue.send(beat(device)).await.expect("queued");
+        }
+        drop(h.queue);
+        let result = time::timeout(FINAL_FLUSH_WINDOW * 2, h.run)
+            .await
+            .expect("gives up in time")
+            .expect("join");
+        assert_eq!(
+            result,
+            Err(Unsaved {
+                devices: 2,
+                error: "stored data is corrupt: disk full".into()
+            })
         );
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
-pub use handler::{FlushError, FlushHandle, HeartbeatHandler};
+pub use handler::{FlushError, FlushHandle, HeartbeatHandler, Limits, Unsaved};
 pub use payload::{Heartbeat, PayloadError, Report};
 pub use reject::{RejectLog, RejectReason};
 

@@ -18,7 +18,7 @@ use super::HttpState;
 use super::error::{ApiError, ErrorBody, from_rejection};
 use crate::device::DeviceId;
 use crate::event::StatusEvent;
-use crate::heartbeat::{Inbound, PayloadError, payload};
+use crate::heartbeat::{FlushError, Inbound, PayloadError, payload};
 use crate::status::Status;
 use crate::storage::{Device, DeviceQuery, StoreError, Summary};
 
@@ -319,11 +319,18 @@ pub async fn heartbeat(
         .await
         .map_err(|_| busy())?
         .map_err(|_| ApiError::Unavailable("the hub is shutting down".into()))?;
-    let registered = tokio::time::timeout(HEARTBEAT_WAIT, committed)
-        .await
-        .map_err(|_| busy())?
-        .map_err(|_| busy())?
-        .map_err(|_| busy())?;
+    let registered = match tokio::time::timeout(HEARTBEAT_WAIT, committed).await {
+        Ok(Ok(Ok(registered))) => registered,
+        Ok(Ok(Err(FlushError::Store(error)))) => {
+            return Err(ApiError::Unavailable(format!(
+                "the heartbeat is not committed yet ({error}); the hub holds it and retries"
+            )));
+        }
+        Ok(Ok(Err(FlushError::Stopped)) | Err(_)) => {
+            return Err(ApiError::Unavailable("the hub is shutting down".into()));
+        }
+        Err(_) => return Err(busy()),
+    };
     Ok(Json(HeartbeatAck {
         status: "ok",
         registered,

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tower_http::classify::StatusInRangeAsFailures;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -28,11 +29,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use error::{ApiError, ErrorBody};
-pub use ops::Health;
 
 use crate::alerts::AlertChannel;
 use crate::clock::Clock;
 use crate::config::Secret;
+use crate::health::Health;
 use crate::heartbeat::Inbound;
 use crate::metrics::Metrics;
 use crate::storage::Store;
@@ -96,6 +97,8 @@ pub fn router(state: HttpState) -> Router {
         ));
     let public = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::livez))
         .routes(routes!(ops::metrics))
         .routes(routes!(dashboard::page));
     let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -112,7 +115,12 @@ pub fn router(state: HttpState) -> Router {
         .layer(middleware::from_fn(json_method_not_allowed))
         .layer(Extension(doc))
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(TraceLayer::new_for_http())
+        // 503 is an answer the hub gives on purpose (a probe saying "not now", a
+        // heartbeat not yet committed) and the cause is logged where it happens; as
+        // a failure the trace layer would log every probe during an outage at ERROR.
+        .layer(TraceLayer::new(
+            StatusInRangeAsFailures::new(500..=502).into_make_classifier(),
+        ))
         .with_state(state)
 }
 

@@ -35,6 +35,7 @@ use super::{Backoff, Endpoint, topic};
 use crate::clock::Clock;
 use crate::device::DeviceId;
 use crate::event::StatusEvent;
+use crate::health::{Health, Outage};
 use crate::metrics::Metrics;
 use crate::storage::{OutboxEntry, OutboxItem, Store, StoreError};
 
@@ -86,7 +87,11 @@ pub struct Publisher {
     store: Arc<dyn Store>,
     outbox_changed: Arc<Notify>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     clock: Clock,
+    /// Reading the outbox, and marking acknowledged events, while they fail.
+    read_outage: Outage,
+    mark_outage: Outage,
     /// A republish of current statuses in progress: the last device id loaded.
     republish: Option<Option<DeviceId>>,
     /// The outbox may hold events past `cursor`.
@@ -110,6 +115,7 @@ impl Publisher {
         store: Arc<dyn Store>,
         outbox_changed: Arc<Notify>,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
         clock: Clock,
     ) -> Self {
         Self {
@@ -117,7 +123,10 @@ impl Publisher {
             store,
             outbox_changed,
             metrics,
+            health,
             clock,
+            read_outage: Outage::default(),
+            mark_outage: Outage::default(),
             republish: None,
             outbox_dirty: true,
             cursor: 0,
@@ -149,6 +158,8 @@ impl Publisher {
                 loop {
                     self.refill().await;
                     self.send_ready(&client);
+                    self.health
+                        .events(self.queue.len() + self.inflight.len(), false);
                     if self.draining && self.is_done() {
                         self.mark_acked().await;
                         let _ = client.try_disconnect();
@@ -275,6 +286,8 @@ impl Publisher {
         }
         if let Some(done) = self.inflight.pop_front() {
             self.metrics.events_published.fetch_add(1, Relaxed);
+            self.health
+                .events(self.queue.len() + self.inflight.len(), true);
             if let Some(seq) = done.seq {
                 self.acked.push(seq);
             }
@@ -299,9 +312,21 @@ impl Publisher {
                 Some(after) => self.load_current(after).await,
                 None => self.load_outbox().await,
             };
-            if let Err(e) = loaded {
-                tracing::warn!(error = %e, "could not read the event outbox; retrying");
-                return;
+            match loaded {
+                Ok(()) => {
+                    if let Some(lasted) = self.read_outage.ended() {
+                        tracing::info!(
+                            after_s = lasted.as_secs_f64(),
+                            "the event outbox is readable again"
+                        );
+                    }
+                }
+                Err(e) => {
+                    if self.read_outage.failed() {
+                        tracing::warn!(error = %e, "could not read the event outbox; retrying");
+                    }
+                    return;
+                }
             }
         }
     }
@@ -341,9 +366,19 @@ impl Publisher {
             .mark_published(&self.acked, self.clock.now())
             .await
         {
-            Ok(()) => self.acked.clear(),
+            Ok(()) => {
+                self.acked.clear();
+                if let Some(lasted) = self.mark_outage.ended() {
+                    tracing::info!(
+                        after_s = lasted.as_secs_f64(),
+                        "acknowledged events are marked published again"
+                    );
+                }
+            }
             Err(e) => {
-                tracing::warn!(error = %e, events = self.acked.len(), "could not mark events published; retrying")
+                if self.mark_outage.failed() {
+                    tracing::warn!(error = %e, events = self.acked.len(), "could not mark events published; retrying");
+                }
             }
         }
     }

@@ -8,6 +8,7 @@
 //! wait longer than [`STALL`] counts as deafness, like a lost connection: the offline
 //! checker's grace starts again when reading resumes.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -27,6 +28,8 @@ use crate::metrics::Metrics;
 
 /// A wait for queue room longer than this makes the hub count as having not heard.
 pub const STALL: Duration = Duration::from_secs(1);
+/// At shutdown, how long messages already read wait for room in the queue.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
 /// Before asking again for a subscription the broker refused.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(10);
 
@@ -117,7 +120,7 @@ impl Subscriber {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if !self.receive(publish).await {
+                    if !self.receive(publish, shutdown.cancelled()).await {
                         break;
                     }
                 }
@@ -138,13 +141,30 @@ impl Subscriber {
             }
         }
         // Messages rumqttc has read (and acknowledged) but not yet handed out are
-        // queued too, or a Will could be lost at every shutdown.
-        for event in std::mem::take(&mut eventloop.state.events) {
-            if let Event::Incoming(Packet::Publish(publish)) = event
-                && !self.receive(publish).await
-            {
-                break;
+        // queued too, or a Will could be lost at every shutdown. A handler that takes
+        // nothing (its database failing) is waited for only so long.
+        let deadline = Instant::now() + DRAIN_WAIT;
+        let buffered = std::mem::take(&mut eventloop.state.events);
+        let mut left = buffered
+            .iter()
+            .filter(|e| matches!(e, Event::Incoming(Packet::Publish(_))))
+            .count();
+        for event in buffered {
+            if let Event::Incoming(Packet::Publish(publish)) = event {
+                if !self
+                    .receive(publish, tokio::time::sleep_until(deadline))
+                    .await
+                {
+                    break;
+                }
+                left -= 1;
             }
+        }
+        if left > 0 {
+            tracing::warn!(
+                messages = left,
+                "stopped with received messages the heartbeat handler did not take"
+            );
         }
         self.listening.send_replace(None);
         // Best effort: a clean DISCONNECT, so the broker does not wait out a keep-alive.
@@ -152,8 +172,9 @@ impl Subscriber {
         let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
     }
 
-    /// Validates one message and queues it. False when the handler is gone.
-    async fn receive(&mut self, publish: Publish) -> bool {
+    /// Validates one message and queues it. False when the handler is gone, or when
+    /// `give_up` resolves while waiting for room in the queue.
+    async fn receive(&mut self, publish: Publish, give_up: impl Future<Output = ()>) -> bool {
         let at = self.clock.now();
         let Some(message) = self.validate(&publish, at) else {
             return true;
@@ -169,8 +190,13 @@ impl Subscriber {
             Err(mpsc::error::TrySendError::Full(message)) => message,
         };
         let waited = Instant::now();
-        if self.queue.send(message).await.is_err() {
-            return false;
+        tokio::select! {
+            sent = self.queue.send(message) => {
+                if sent.is_err() {
+                    return false;
+                }
+            }
+            () = give_up => return false,
         }
         if waited.elapsed() > STALL {
             self.stalled(waited.elapsed());

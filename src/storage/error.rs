@@ -15,3 +15,13 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }
+
+impl StoreError {
+    /// The database failed (as opposed to refusing a request it understood).
+    pub fn is_fault(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database(_) | StoreError::Corrupt(_) | StoreError::Migrate(_)
+        )
+    }
+}

@@ -4,6 +4,8 @@
 //! has its own.
 
 mod error;
+#[cfg(test)]
+pub mod fake;
 pub mod sqlite;
 
 use async_trait::async_trait;

@@ -16,12 +16,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
+use sqlx::pool::PoolConnection;
 use sqlx::query_builder::Separated;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
 use super::{Device, DeviceQuery, OutboxEntry, OutboxItem, Store, StoreError, Summary};
@@ -69,8 +70,63 @@ impl SqliteStore {
             .pragma("cache_size", PAGE_CACHE))
     }
 
-    async fn write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    async fn write(&self) -> Result<WriteTx, StoreError> {
+        WriteTx::begin(&self.pool).await
+    }
+}
+
+/// A write transaction (`BEGIN IMMEDIATE`) on a pooled connection of its own.
+///
+/// Only [`WriteTx::commit`] returns the connection to the pool. Any other end (an
+/// error in the body, a failed COMMIT, the future dropped half-way) closes it, which
+/// rolls back whatever is open. sqlx's own `Transaction` cannot be trusted here: after
+/// `database or disk is full` SQLite may already have rolled the transaction back, so
+/// sqlx's ROLLBACK fails, its transaction depth stays at one, and every later write on
+/// that connection failed with "begin_with at non-zero transaction depth" until restart.
+pub(crate) struct WriteTx {
+    conn: PoolConnection<Sqlite>,
+    committed: bool,
+}
+
+impl WriteTx {
+    async fn begin(pool: &SqlitePool) -> Result<Self, StoreError> {
+        let conn = pool.acquire().await?;
+        let mut tx = Self {
+            conn,
+            committed: false,
+        };
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(&mut *tx.conn)
+            .await?;
+        Ok(tx)
+    }
+
+    async fn commit(mut self) -> Result<(), StoreError> {
+        sqlx::raw_sql("COMMIT").execute(&mut *self.conn).await?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = SqliteConnection;
+
+    fn deref(&self) -> &SqliteConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.conn
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.conn.close_on_drop();
+        }
     }
 }
 
@@ -243,10 +299,7 @@ fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
-async fn upsert_devices(
-    tx: &mut Transaction<'static, Sqlite>,
-    rows: &[DeviceRow<'_>],
-) -> Result<(), StoreError> {
+async fn upsert_devices(tx: &mut WriteTx, rows: &[DeviceRow<'_>]) -> Result<(), StoreError> {
     for chunk in chunks(rows) {
         let reports = chunk
             .iter()
@@ -281,7 +334,7 @@ async fn upsert_devices(
 /// take the full path. One UPDATE per chunk; only a chunk that did not update every
 /// row is looked at again, inside the same write transaction.
 async fn refresh_steady(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut WriteTx,
     updates: &[(&DeviceUpdate, Status)],
 ) -> Result<std::collections::HashSet<String>, StoreError> {
     let mut missed = std::collections::HashSet::new();
@@ -337,10 +390,7 @@ async fn refresh_steady(
     Ok(missed)
 }
 
-async fn insert_events(
-    tx: &mut Transaction<'static, Sqlite>,
-    events: &[StatusEvent],
-) -> Result<(), StoreError> {
+async fn insert_events(tx: &mut WriteTx, events: &[StatusEvent]) -> Result<(), StoreError> {
     for chunk in chunks(events) {
         let mut query = QueryBuilder::<Sqlite>::new(INSERT_EVENTS);
         query.push_values(chunk, |mut values, event| {

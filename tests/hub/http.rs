@@ -37,7 +37,7 @@ async fn json_of(response: reqwest::Response) -> Value {
 }
 
 /// Every route the router has, as the OpenAPI document must list them.
-const ROUTES: [(&str, &str); 12] = [
+const ROUTES: [(&str, &str); 14] = [
     ("get", "/api/v1/devices"),
     ("post", "/api/v1/devices"),
     ("get", "/api/v1/devices/{id}"),
@@ -48,6 +48,8 @@ const ROUTES: [(&str, &str); 12] = [
     ("get", "/api/v1/stream"),
     ("get", "/api/v1/openapi.json"),
     ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/livez"),
     ("get", "/metrics"),
     ("get", "/"),
 ];
@@ -415,8 +417,15 @@ async fn health_is_ok_when_every_part_works_and_names_the_part_that_does_not() {
     assert_eq!(healthy.status(), StatusCode::OK);
     assert_eq!(
         json_of(healthy).await,
-        json!({"status": "ok", "database": "ok", "broker": "ok"})
+        json!({"status": "ok", "database": "ok", "broker": "ok", "publisher": "ok"})
     );
+    for probe in ["/readyz", "/livez"] {
+        let response = reqwest::get(format!("{}{probe}", app.http))
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::OK, "{probe}");
+        assert_eq!(json_of(response).await, json!({"status": "ok"}), "{probe}");
+    }
     app.stop().await;
 
     // A hub whose external broker is not there.
@@ -444,6 +453,14 @@ async fn health_is_ok_when_every_part_works_and_names_the_part_that_does_not() {
             .is_some_and(|b| b.contains("not subscribed")),
         "{report}"
     );
+    // Readiness is about taking heartbeats: HTTP ones need no broker.
+    let base = url.trim_end_matches("/healthz");
+    for probe in ["/readyz", "/livez"] {
+        let response = reqwest::get(format!("{base}{probe}"))
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::OK, "{probe}");
+    }
     let _ = stop.send(());
     within(PATIENCE, "the hub to stop", hub)
         .await

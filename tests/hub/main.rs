@@ -6,6 +6,7 @@
 
 mod browser;
 mod cli;
+mod faults;
 mod helpers;
 mod http;
 mod mosquitto;

@@ -1,0 +1,125 @@
+//! A store in memory for unit tests of the parts above the store (the checker, the
+//! heartbeat handler). It keeps only what those tests look at; the integration tests
+//! run the real SQLite store.
+
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use super::{Device, DeviceQuery, OutboxItem, Store, StoreError, Summary};
+use crate::clock::Timestamp;
+use crate::device::DeviceId;
+use crate::event::{StatusEvent, StoredEvent};
+use crate::heartbeat::batch::DeviceUpdate;
+use crate::status::{Signal, Status, transition};
+
+#[derive(Default)]
+pub struct FakeStore {
+    /// Online devices and their last_seen; `mark_offline` takes the overdue ones, once.
+    pub watched: Mutex<Vec<(DeviceId, Timestamp)>>,
+    /// `(cutoff, now)` of every offline pass.
+    pub passes: Mutex<Vec<(Timestamp, Timestamp)>>,
+    /// Every batch `apply` committed.
+    pub applied: Mutex<Vec<Vec<DeviceUpdate>>>,
+    /// While set, `apply` fails with this message and commits nothing.
+    pub failing: Mutex<Option<String>>,
+    /// Calls of `apply`, failed ones included.
+    pub attempts: Mutex<u32>,
+}
+
+impl FakeStore {
+    pub fn fail(&self, why: Option<&str>) {
+        *self.failing.lock().expect("lock") = why.map(str::to_string);
+    }
+
+    /// Devices in committed batches, in commit order.
+    pub fn committed_devices(&self) -> Vec<String> {
+        self.applied
+            .lock()
+            .expect("lock")
+            .iter()
+            .flatten()
+            .map(|u| u.device.to_string())
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Store for FakeStore {
+    async fn apply(&self, updates: &[DeviceUpdate]) -> Result<Vec<StatusEvent>, StoreError> {
+        *self.attempts.lock().expect("lock") += 1;
+        if let Some(why) = self.failing.lock().expect("lock").clone() {
+            return Err(StoreError::Corrupt(why));
+        }
+        self.applied.lock().expect("lock").push(updates.to_vec());
+        Ok(Vec::new())
+    }
+
+    async fn mark_offline(
+        &self,
+        cutoff: Timestamp,
+        now: Timestamp,
+    ) -> Result<Vec<StatusEvent>, StoreError> {
+        self.passes.lock().expect("lock").push((cutoff, now));
+        let mut watched = self.watched.lock().expect("lock");
+        let (overdue, fine): (Vec<_>, Vec<_>) =
+            watched.drain(..).partition(|(_, seen)| *seen < cutoff);
+        *watched = fine;
+        let timeout = transition(Some(Status::Online), Signal::Timeout).expect("transition");
+        Ok(overdue
+            .into_iter()
+            .map(|(id, seen)| StatusEvent::new(id, timeout, Some(seen), now))
+            .collect())
+    }
+
+    async fn register(&self, _: &DeviceId, _: Timestamp) -> Result<StatusEvent, StoreError> {
+        Err(StoreError::Corrupt(
+            "not supported by the fake store".into(),
+        ))
+    }
+
+    async fn unpublished(&self, _: i64, _: u32) -> Result<Vec<OutboxItem>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn mark_published(&self, _: &[i64], _: Timestamp) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn current_events(
+        &self,
+        _: Option<&DeviceId>,
+        _: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn device(&self, _: &DeviceId) -> Result<Option<Device>, StoreError> {
+        Ok(None)
+    }
+
+    async fn devices(&self, _: &DeviceQuery) -> Result<Vec<Device>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn events(
+        &self,
+        _: &DeviceId,
+        _: Option<i64>,
+        _: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn summary(&self) -> Result<Summary, StoreError> {
+        Ok(Summary::default())
+    }
+
+    async fn delete(&self, _: &DeviceId, _: Timestamp) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,340 @@
+//! Faults production brings: a full disk, a database locked by another writer. Each
+//! runs the real hub and checks what operators rely on: nothing lost, no device
+//! declared offline for the hub's own trouble, health that says what is wrong, and
+//! recovery without a restart.
+//!
+//! The full-disk tests mount a tmpfs and need root: they sit behind the `fault-tests`
+//! feature, which CI (running as root) turns on.
+
+use std::time::Duration;
+
+use firmware_sim::{BrokerUrl, Fleet, FleetConfig, QoS};
+use fleetwatch::status::Status;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::*;
+
+/// The hub's HTTP side, from outside.
+pub struct Http {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Http {
+    pub fn new(base: impl Into<String>) -> Self {
+        Self {
+            base: base.into(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, String) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .timeout(PATIENCE)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = response.status();
+        (status, response.text().await.expect("a body"))
+    }
+
+    pub async fn json(&self, path: &str) -> (StatusCode, Value) {
+        let (status, body) = self.get(path).await;
+        let value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}"));
+        (status, value)
+    }
+
+    /// The value of an unlabelled Prometheus sample.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics").await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no sample {name} in /metrics"))
+    }
+
+    /// Devices per status and in total.
+    pub async fn summary(&self) -> Value {
+        self.json("/api/v1/summary").await.1
+    }
+}
+
+/// A fleet of `devices` ids starting with `prefix`, beating every `interval`.
+pub fn fleet(url: &BrokerUrl, prefix: &str, devices: u64, interval: Duration) -> Fleet {
+    Fleet::start(FleetConfig {
+        url: url.clone(),
+        devices,
+        interval,
+        jitter: interval / 5,
+        id_prefix: prefix.into(),
+        qos: QoS::AtLeastOnce,
+        connections: 4,
+        error_rate: 0.0,
+        lwt: false,
+    })
+}
+
+pub async fn wait_for_online(http: &Http, online: u64) {
+    eventually(PATIENCE, &format!("{online} devices online"), || async {
+        http.summary().await["online"] == online
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_lock_held_for_30_s_delays_commits_and_loses_or_invents_nothing() {
+    use sqlx::Connection;
+
+    let app = spawn_app_with(Broker::Embedded, |s| {
+        s.health.commit_lag = Duration::from_secs(2);
+    })
+    .await;
+    let http = Http::new(app.http.clone());
+    let fleet = fleet(&app.url, "locked-", 50, Duration::from_millis(300));
+    wait_for_online(&http, 50).await;
+
+    // Another process's writer (a backup, a migration, `sqlite3` left open) holds the
+    // write lock.
+    let url = format!("sqlite://{}", app.db_path.display());
+    let mut locker = sqlx::SqliteConnection::connect(&url)
+        .await
+        .expect("second connection");
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut locker)
+        .await
+        .expect("take the write lock");
+    let locked_at = tokio::time::Instant::now();
+
+    // An HTTP heartbeat is answered, with 503, instead of hanging on the lock.
+    let response = within(
+        Duration::from_secs(25),
+        "the HTTP heartbeat to be answered",
+        app.request(reqwest::Method::POST, "/api/v1/devices/agent-1/heartbeat")
+            .send(),
+    )
+    .await
+    .expect("response");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    eventually(PATIENCE, "/healthz to name the database", || async {
+        let (status, report) = http.json("/healthz").await;
+        status == StatusCode::SERVICE_UNAVAILABLE && report["database"] != "ok"
+    })
+    .await;
+    let (status, ready) = http.json("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    assert!(http.metric("fleetwatch_uncommitted_devices").await >= 1.0);
+
+    // The fault is the lock's length: hold it for 30 s in all.
+    tokio::time::sleep_until(locked_at + Duration::from_secs(30)).await;
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut locker)
+        .await
+        .expect("release the lock");
+    drop(locker);
+
+    eventually(PATIENCE, "/healthz to recover", || async {
+        http.get("/healthz").await.0 == StatusCode::OK
+    })
+    .await;
+    wait_for_online(&http, 50).await;
+    // The heartbeat answered 503 was held and committed once the lock was gone (and
+    // as that agent said nothing since, it is offline by now, rightly).
+    let agent = app.stored("agent-1").await.expect("agent-1 registered");
+    assert!(agent.last_seen_at.is_some());
+    let (_, offline) = http.json("/api/v1/devices?status=offline").await;
+    let offline: Vec<_> = offline["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| d["device_id"].clone())
+        .collect();
+    assert!(
+        offline.iter().all(|id| id == "agent-1"),
+        "devices that kept beating went offline: {offline:?}"
+    );
+    let response = app
+        .request(reqwest::Method::POST, "/api/v1/devices/agent-1/heartbeat")
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(app.status_of("agent-1").await, Some(Status::Online));
+    fleet.stop().await;
+    app.stop().await;
+}
+
+#[cfg(feature = "fault-tests")]
+mod full_disk {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    use super::*;
+    use crate::restart::{HubProcess, hub_env};
+
+    /// A tmpfs of `size`, unmounted on drop.
+    struct Tmpfs {
+        dir: tempfile::TempDir,
+    }
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let status = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .expect("run mount");
+            assert!(
+                status.success(),
+                "the fault-tests feature mounts a tmpfs: run the tests as root (CI does)"
+            );
+            Self { dir }
+        }
+
+        fn path(&self) -> &Path {
+            self.dir.path()
+        }
+
+        /// Writes a file until the filesystem is full; returns its path.
+        fn fill(&self) -> PathBuf {
+            use std::io::Write;
+            let path = self.path().join("filler");
+            let mut file = std::fs::File::create(&path).expect("create filler");
+            let block = vec![0u8; 64 * 1024];
+            loop {
+                if let Err(e) = file.write_all(&block) {
+                    assert_eq!(e.raw_os_error(), Some(28), "expected ENOSPC: {e}");
+                    break;
+                }
+            }
+            let _ = file.write_all(&block[..512]);
+            path
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+
+    /// A hub process with its database on `disk` and its HTTP side.
+    fn start_hub(disk: &Tmpfs) -> (HubProcess, BrokerUrl, Http) {
+        let port = free_port();
+        let http_port = free_port();
+        let mut env = hub_env(port, &disk.path().join("fleetwatch.db"));
+        env.retain(|(name, _)| *name != "FLEETWATCH_HTTP__LISTEN");
+        env.extend([
+            ("FLEETWATCH_HTTP__LISTEN", format!("127.0.0.1:{http_port}")),
+            ("FLEETWATCH_HEARTBEAT__OFFLINE_AFTER", "3s".into()),
+            ("FLEETWATCH_HEARTBEAT__CHECK_INTERVAL", "100ms".into()),
+            ("FLEETWATCH_HEALTH__COMMIT_LAG", "2s".into()),
+        ]);
+        let hub = HubProcess::spawn(disk.path(), &[], &env);
+        (
+            hub,
+            BrokerUrl::new("127.0.0.1", port),
+            Http::new(format!("http://127.0.0.1:{http_port}")),
+        )
+    }
+
+    async fn wait_for_failing_writes(http: &Http) {
+        eventually(PATIENCE, "/healthz to report failing writes", || async {
+            let (status, report) = http.json("/healthz").await;
+            status == StatusCode::SERVICE_UNAVAILABLE && report["database"] != "ok"
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_holds_heartbeats_says_so_and_recovers_when_space_returns() {
+        let disk = Tmpfs::mount("8m");
+        let (mut hub, url, http) = start_hub(&disk);
+        hub.wait_for_line("subscribed to device heartbeats").await;
+        let old = fleet(&url, "old-", 500, Duration::from_millis(500));
+        wait_for_online(&http, 500).await;
+
+        let filler = disk.fill();
+        // New devices need new pages: their registrations cannot be written.
+        let new = fleet(&url, "new-", 300, Duration::from_millis(500));
+        wait_for_failing_writes(&http).await;
+        assert_eq!(http.metric("fleetwatch_database_write_failing").await, 1.0);
+        assert_eq!(
+            http.json("/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // Held for longer than a device's deadline: silence the hub could not write
+        // down is not the devices' fault.
+        eventually(PATIENCE, "heartbeats held past offline_after", || async {
+            http.metric("fleetwatch_uncommitted_age_seconds").await > 4.0
+        })
+        .await;
+        assert!(http.metric("fleetwatch_uncommitted_devices").await >= 300.0);
+
+        std::fs::remove_file(&filler).expect("free the space");
+        eventually(PATIENCE, "/healthz to recover", || async {
+            http.get("/healthz").await.0 == StatusCode::OK
+        })
+        .await;
+        wait_for_online(&http, 800).await;
+        let summary = http.summary().await;
+        assert_eq!(
+            (summary["total"].as_u64(), summary["offline"].as_u64()),
+            (Some(800), Some(0))
+        );
+        let (_, metrics) = http.get("/metrics").await;
+        assert!(
+            metrics.contains("fleetwatch_transitions_total{status=\"offline\"} 0"),
+            "a device went offline during the outage"
+        );
+
+        old.stop().await;
+        new.stop().await;
+        hub.terminate();
+        let status = hub.wait().await;
+        let log = hub.log.join("\n");
+        assert!(status.success(), "{status:?}\n{log}");
+        assert!(!log.contains("transaction depth"), "{log}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shutdown_that_cannot_commit_exits_non_zero_and_counts_the_devices() {
+        let disk = Tmpfs::mount("8m");
+        let (mut hub, url, http) = start_hub(&disk);
+        hub.wait_for_line("subscribed to device heartbeats").await;
+        let old = fleet(&url, "old-", 100, Duration::from_millis(500));
+        wait_for_online(&http, 100).await;
+        let _filler = disk.fill();
+        let new = fleet(&url, "new-", 200, Duration::from_millis(500));
+        wait_for_failing_writes(&http).await;
+
+        hub.terminate();
+        let status = hub.wait_up_to(Duration::from_secs(30)).await;
+        let log = hub.log.join("\n");
+        assert!(
+            !status.success(),
+            "exit 0 despite unsaved heartbeats:\n{log}"
+        );
+        let line = hub
+            .log
+            .iter()
+            .find(|line| line.starts_with("fleetwatch: could not commit the heartbeats of"))
+            .unwrap_or_else(|| panic!("no final line naming what was lost:\n{log}"));
+        let devices: u64 = line
+            .trim_start_matches("fleetwatch: could not commit the heartbeats of ")
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count in {line:?}"));
+        assert!(devices > 0, "{line}");
+        old.stop().await;
+        new.stop().await;
+    }
+}
