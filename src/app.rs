@@ -31,12 +31,13 @@ use crate::clock::{Clock, Timestamp};
 use crate::config::{BrokerMode, ConfigError, Settings};
 use crate::health::{Health, RecordWrites, Thresholds};
 use crate::heartbeat::{FlushHandle, HeartbeatHandler, Limits, Unsaved};
-use crate::http::{self, HttpState};
+use crate::http::{self, ConnectionLimits, HttpState, RequestLimits};
 use crate::metrics::Metrics;
 use crate::mqtt::broker::{BrokerError, EmbeddedBroker};
 use crate::mqtt::publisher::{DRAIN_TIMEOUT, Publisher};
 use crate::mqtt::subscriber::Subscriber;
 use crate::mqtt::{Endpoint, broker_packet_limit};
+use crate::open_files::{self, Budget};
 use crate::storage::{self, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +70,8 @@ pub struct Application {
     broker: Option<EmbeddedBroker>,
     listening: (watch::Sender<Option<Timestamp>>, Listening),
     health: Arc<Health>,
+    /// How the open-file limit is shared.
+    files: Budget,
     http: TcpListener,
 }
 
@@ -79,6 +82,12 @@ impl Application {
 
     pub async fn build_with_clock(settings: Settings, clock: Clock) -> Result<Self, StartError> {
         settings.validate()?;
+        let files = open_files::budget(
+            open_files::raise_limit(),
+            settings.http.max_connections,
+            settings.mqtt.broker == BrokerMode::Embedded,
+        );
+        report_budget(&files);
         let store = storage::connect(&settings.database.url).await?;
         let http = TcpListener::bind(settings.http.listen)
             .await
@@ -136,6 +145,7 @@ impl Application {
             broker,
             listening,
             health,
+            files,
             http,
         })
     }
@@ -227,22 +237,33 @@ impl Application {
             tracing::warn!(listen = %self.settings.http.listen, "the HTTP API has no API key: anyone who can reach this loopback address can use it");
         }
         let closing = CancellationToken::new();
-        let router = http::router(HttpState {
-            store: Arc::clone(&self.store),
-            metrics: Arc::clone(&self.metrics),
-            clock: self.clock.clone(),
-            queue: queue_for_http,
-            alerts: alerts.clone(),
-            keys: keys.into(),
-            max_payload: hb.max_payload,
-            health: Arc::clone(&self.health),
-            closing: closing.clone(),
-        });
+        let router = http::router(
+            HttpState {
+                store: Arc::clone(&self.store),
+                metrics: Arc::clone(&self.metrics),
+                clock: self.clock.clone(),
+                queue: queue_for_http,
+                alerts: alerts.clone(),
+                keys: keys.into(),
+                max_payload: hb.max_payload,
+                health: Arc::clone(&self.health),
+                closing: closing.clone(),
+            },
+            RequestLimits {
+                max_requests: self.settings.http.max_requests,
+                timeout: self.settings.http.request_timeout,
+            },
+        );
+        let connections = ConnectionLimits {
+            max_connections: self.files.http_connections,
+            header_timeout: self.settings.http.header_timeout,
+        };
         let http_addr = self.http.local_addr().ok();
         let mut http_task = tokio::spawn({
             let closing = closing.clone();
             async move {
-                if let Err(e) = http::serve(self.http, router, closing.cancelled_owned()).await {
+                let stop = closing.cancelled_owned();
+                if let Err(e) = http::serve(self.http, router, connections, stop).await {
                     tracing::error!(error = %e, "the HTTP server failed");
                 }
             }
@@ -312,6 +333,33 @@ impl Application {
             (Some(task), None) => Err(RunError::Failed(task)),
             (None, None) => Ok(()),
         }
+    }
+}
+
+/// Says how the open-file limit is shared, and warns when it is too low for the
+/// configured HTTP cap or leaves the embedded broker little room for devices.
+fn report_budget(files: &Budget) {
+    if let Some(configured) = files.lowered_from {
+        tracing::warn!(
+            open_file_limit = files.limit,
+            http_max_connections = files.http_connections,
+            configured,
+            "the open-file limit has no room for http.max_connections; it is lowered so HTTP clients \
+             cannot starve the database and the broker (raise the limit: ulimit -n, LimitNOFILE=)"
+        );
+    }
+    match files.devices {
+        Some(devices) if devices < 10_000 => tracing::warn!(
+            open_file_limit = files.limit,
+            device_connections = devices,
+            "the open-file limit leaves the embedded broker room for few device connections \
+             (raise it: ulimit -n, LimitNOFILE=)"
+        ),
+        _ => tracing::info!(
+            open_file_limit = files.limit,
+            http_max_connections = files.http_connections,
+            "open-file limit"
+        ),
     }
 }
 

@@ -159,6 +159,18 @@ pub struct HttpSettings {
     /// then retire the old one. (`FLEETWATCH_HTTP__API_KEYS=a,b` in the environment.)
     #[serde(default, deserialize_with = "list_or_commas")]
     pub api_keys: Vec<Secret>,
+    /// Open HTTP connections at once; more clients wait to be accepted. Lowered at
+    /// start if the open-file limit has no room for it.
+    pub max_connections: usize,
+    /// Requests in progress at once (probes excepted); more are answered 503 at once.
+    pub max_requests: usize,
+    /// A connection that has not sent a whole request head within this (after it
+    /// opened, or after its previous response) is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A request not answered within this is answered 503.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 impl HttpSettings {
@@ -214,6 +226,10 @@ impl Default for Settings {
                 listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
                 api_key: None,
                 api_keys: Vec::new(),
+                max_connections: 1024,
+                max_requests: 256,
+                header_timeout: Duration::from_secs(5),
+                request_timeout: Duration::from_secs(10),
             },
             health: HealthSettings {
                 commit_lag: Duration::from_secs(10),
@@ -298,6 +314,8 @@ impl Settings {
             ("heartbeat.offline_after", hb.offline_after),
             ("heartbeat.check_interval", hb.check_interval),
             ("heartbeat.flush_interval", hb.flush_interval),
+            ("http.header_timeout", self.http.header_timeout),
+            ("http.request_timeout", self.http.request_timeout),
             ("health.commit_lag", self.health.commit_lag),
             ("health.publish_lag", self.health.publish_lag),
         ] {
@@ -310,6 +328,8 @@ impl Settings {
             ("heartbeat.max_batch", hb.max_batch, 1_000_000),
             ("heartbeat.max_payload", hb.max_payload, 16 * 1024 * 1024),
             ("heartbeat.max_uncommitted", hb.max_uncommitted, 100_000_000),
+            ("http.max_connections", self.http.max_connections, 1_000_000),
+            ("http.max_requests", self.http.max_requests, 1_000_000),
         ] {
             if value == 0 || value > max {
                 return Err(ConfigError::key(
@@ -531,8 +551,26 @@ mod tests {
             ("FLEETWATCH_MQTT__URL", "mqtt://user:pw@broker.local:1885"),
             ("FLEETWATCH_DATABASE__URL", "sqlite:///tmp/x.db"),
             ("FLEETWATCH_HTTP__API_KEY", "12345"),
+            ("FLEETWATCH_HTTP__MAX_CONNECTIONS", "300"),
+            ("FLEETWATCH_HTTP__MAX_REQUESTS", "40"),
+            ("FLEETWATCH_HTTP__HEADER_TIMEOUT", "2s"),
+            ("FLEETWATCH_HTTP__REQUEST_TIMEOUT", "3s"),
+            ("FLEETWATCH_HEARTBEAT__MAX_UNCOMMITTED", "1000"),
+            ("FLEETWATCH_HEALTH__COMMIT_LAG", "4s"),
+            ("FLEETWATCH_HEALTH__PUBLISH_LAG", "1m"),
         ])
         .expect("overrides load");
+        let http = &settings.http;
+        assert_eq!((http.max_connections, http.max_requests), (300, 40));
+        assert_eq!(
+            (http.header_timeout, http.request_timeout),
+            (Duration::from_secs(2), Duration::from_secs(3))
+        );
+        assert_eq!(settings.heartbeat.max_uncommitted, 1000);
+        assert_eq!(
+            (settings.health.commit_lag, settings.health.publish_lag),
+            (Duration::from_secs(4), Duration::from_secs(60))
+        );
         assert_eq!(settings.heartbeat.offline_after, Duration::from_secs(90));
         assert_eq!(
             settings.heartbeat.check_interval,
@@ -580,6 +618,22 @@ mod tests {
             ("FLEETWATCH_NOPE", "1", "FLEETWATCH_NOPE"),
             ("FLEETWATCH_HTTP__LISTEN", "0.0.0.0:8080", "http.listen"),
             ("FLEETWATCH_HTTP__API_KEY", "", "http.api_key"),
+            (
+                "FLEETWATCH_HTTP__MAX_CONNECTIONS",
+                "0",
+                "http.max_connections",
+            ),
+            (
+                "FLEETWATCH_HTTP__HEADER_TIMEOUT",
+                "0s",
+                "http.header_timeout",
+            ),
+            ("FLEETWATCH_HEALTH__COMMIT_LAG", "soon", "health.commit_lag"),
+            (
+                "FLEETWATCH_HEARTBEAT__MAX_UNCOMMITTED",
+                "0",
+                "heartbeat.max_uncommitted",
+            ),
         ];
         for (var, value, named) in cases {
             let error = load(&[(var, value)]).expect_err(var).to_string();

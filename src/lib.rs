@@ -33,5 +33,6 @@ pub mod heartbeat;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
+pub mod open_files;
 pub mod status;
 pub mod storage;

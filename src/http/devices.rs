@@ -1,8 +1,6 @@
 //! `/api/v1/devices...`: the fleet as JSON, registration and deletion, transition
 //! history, and the HTTP heartbeat for agents that cannot speak MQTT.
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
@@ -25,8 +23,6 @@ use crate::storage::{Device, DeviceQuery, StoreError, Summary};
 /// Devices per page unless `limit` says otherwise, and the most it may say.
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
-/// How long an HTTP heartbeat may wait for room in the queue and for its commit.
-const HEARTBEAT_WAIT: Duration = Duration::from_secs(10);
 
 fn device_id(text: &str) -> Result<DeviceId, ApiError> {
     DeviceId::parse(text).map_err(|e| ApiError::Unprocessable(format!("{text:?}: {e}")))
@@ -287,7 +283,7 @@ pub struct HeartbeatAck {
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 413, description = "Payload over the limit", body = ErrorBody),
         (status = 422, description = "Not a valid device id, or a field of the wrong type or size", body = ErrorBody),
-        (status = 503, description = "Not committed in time (database or hub busy)", body = ErrorBody),
+        (status = 503, description = "Not committed (the database is failing) or not within http.request_timeout", body = ErrorBody),
     ))]
 pub async fn heartbeat(
     State(state): State<HttpState>,
@@ -314,22 +310,18 @@ pub async fn heartbeat(
         heartbeat: Box::new(heartbeat),
         receipt: Some(receipt),
     };
-    let busy = || ApiError::Unavailable("the heartbeat was not committed in time".into());
-    tokio::time::timeout(HEARTBEAT_WAIT, state.queue.send(message))
-        .await
-        .map_err(|_| busy())?
-        .map_err(|_| ApiError::Unavailable("the hub is shutting down".into()))?;
-    let registered = match tokio::time::timeout(HEARTBEAT_WAIT, committed).await {
-        Ok(Ok(Ok(registered))) => registered,
-        Ok(Ok(Err(FlushError::Store(error)))) => {
+    // Both waits are bounded by `http.request_timeout` (a layer around every route):
+    // for room in a full queue, and for the commit.
+    let stopping = || ApiError::Unavailable("the hub is shutting down".into());
+    state.queue.send(message).await.map_err(|_| stopping())?;
+    let registered = match committed.await {
+        Ok(Ok(registered)) => registered,
+        Ok(Err(FlushError::Store(error))) => {
             return Err(ApiError::Unavailable(format!(
                 "the heartbeat is not committed yet ({error}); the hub holds it and retries"
             )));
         }
-        Ok(Ok(Err(FlushError::Stopped)) | Err(_)) => {
-            return Err(ApiError::Unavailable("the hub is shutting down".into()));
-        }
-        Err(_) => return Err(busy()),
+        Ok(Err(FlushError::Stopped)) | Err(_) => return Err(stopping()),
     };
     Ok(Json(HeartbeatAck {
         status: "ok",

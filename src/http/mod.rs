@@ -9,6 +9,7 @@ mod devices;
 mod error;
 mod live;
 mod ops;
+mod server;
 
 use std::sync::Arc;
 
@@ -18,9 +19,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Router};
 use bytes::Bytes;
-use tokio::net::TcpListener;
+use std::time::Duration;
+
+use axum::BoxError;
+use axum::error_handling::HandleErrorLayer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::classify::StatusInRangeAsFailures;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
@@ -29,6 +35,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use error::{ApiError, ErrorBody};
+pub use server::{ConnectionLimits, serve};
 
 use crate::alerts::AlertChannel;
 use crate::clock::Clock;
@@ -81,8 +88,30 @@ impl utoipa::Modify for BearerKey {
     }
 }
 
+/// What a request may take.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    /// Requests in progress at once, probes excepted; more are answered 503 at once.
+    pub max_requests: usize,
+    /// A request not answered within this is answered 503.
+    pub timeout: Duration,
+}
+
 /// The router, serving (at `/api/v1/openapi.json`) the OpenAPI document describing it.
-pub fn router(state: HttpState) -> Router {
+pub fn router(state: HttpState, limits: RequestLimits) -> Router {
+    // Shed load rather than queue it: a client told 503 at once can retry elsewhere;
+    // one left waiting holds a connection. Probes are exempt, so an orchestrator sees
+    // a busy hub as busy, not dead.
+    // One semaphore for every route: axum applies a layer to each route separately.
+    let in_progress = Arc::new(tokio::sync::Semaphore::new(limits.max_requests.max(1)));
+    let limited = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(overloaded))
+        .load_shed()
+        .layer(GlobalConcurrencyLimitLayer::with_semaphore(in_progress))
+        .timeout(limits.timeout);
+    let probes_timeout = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(overloaded))
+        .timeout(limits.timeout);
     let api = OpenApiRouter::new()
         .routes(routes!(devices::list, devices::register))
         .routes(routes!(devices::get, devices::delete))
@@ -94,16 +123,21 @@ pub fn router(state: HttpState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,
-        ));
+        ))
+        .layer(limited.clone());
     let public = OpenApiRouter::new()
+        .routes(routes!(ops::metrics))
+        .routes(routes!(dashboard::page))
+        .layer(limited);
+    let probes = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::livez))
-        .routes(routes!(ops::metrics))
-        .routes(routes!(dashboard::page));
+        .layer(probes_timeout);
     let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(api)
         .merge(public)
+        .merge(probes)
         .split_for_parts();
     // Rendered once: the document is fixed for the life of the process.
     let doc = OpenApiJson(Bytes::from(
@@ -128,15 +162,17 @@ pub fn router(state: HttpState) -> Router {
 #[derive(Clone)]
 struct OpenApiJson(Bytes);
 
-/// Serves until `shutdown` resolves, then lets requests in flight finish.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+/// A request the limits turned away: over the concurrency cap, or past its timeout.
+async fn overloaded(error: BoxError) -> ApiError {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        ApiError::Unavailable(
+            "too many requests in progress (http.max_requests); try again shortly".into(),
+        )
+    } else if error.is::<tower::timeout::error::Elapsed>() {
+        ApiError::Unavailable("no answer within http.request_timeout".into())
+    } else {
+        ApiError::Internal(error.to_string())
+    }
 }
 
 /// This API's OpenAPI 3.1 document.

@@ -44,11 +44,32 @@ const SEGMENT_COUNT: usize = 4;
 /// A client that connects but never sends CONNECT is dropped after this.
 const CONNECT_TIMEOUT_MS: u16 = 10_000;
 
+impl BrokerFailure {
+    /// Names the likeliest cause of probes that keep failing: a process out of file
+    /// descriptors fails them too, and rumqttd#1062 is only the other suspect.
+    fn diagnose(probe: String) -> Self {
+        if crate::open_files::nearly_exhausted() {
+            BrokerFailure::OutOfFiles {
+                probe,
+                usage: crate::open_files::describe_usage(),
+            }
+        } else {
+            BrokerFailure::Refusing(probe)
+        }
+    }
+}
+
 /// Why the embedded broker can no longer serve devices.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerFailure {
     #[error("the embedded MQTT broker's listener stopped")]
     Stopped,
+    #[error(
+        "the embedded MQTT broker no longer accepts new connections ({probe}): the process has \
+         run out of file descriptors ({usage}). Raise the open-file limit (ulimit -n, LimitNOFILE=) \
+         or move devices to Mosquitto (mqtt.broker = \"external\")"
+    )]
+    OutOfFiles { probe: String, usage: String },
     #[error(
         "the embedded MQTT broker no longer accepts new connections ({0}); a device probably \
          connected with a client id containing + $ # / (rumqttd defect bytebeamio/rumqtt#1062). \
@@ -125,7 +146,7 @@ impl EmbeddedBroker {
                     failures += 1;
                     tracing::warn!(error = %why, failures, "embedded MQTT broker probe failed");
                     if failures >= PROBE_FAILURES {
-                        return BrokerFailure::Refusing(why);
+                        return BrokerFailure::diagnose(why);
                     }
                 }
             }

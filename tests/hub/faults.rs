@@ -167,6 +167,90 @@ async fn a_write_lock_held_for_30_s_delays_commits_and_loses_or_invents_nothing(
     app.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_under_a_1024_file_limit_are_cut_off_and_the_hub_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::restart::{HubProcess, hub_env};
+
+    // This test holds 1,100 sockets itself.
+    fleetwatch::open_files::raise_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let http_port = free_port();
+    let mut env = hub_env(port, &dir.path().join("fleetwatch.db"));
+    env.retain(|(name, _)| *name != "FLEETWATCH_HTTP__LISTEN");
+    env.push(("FLEETWATCH_HTTP__LISTEN", format!("127.0.0.1:{http_port}")));
+    let mut hub = HubProcess::spawn_with_file_limit(1024, dir.path(), &[], &env);
+    hub.wait_for_line("subscribed to device heartbeats").await;
+    assert!(
+        hub.log
+            .iter()
+            .any(|l| l.contains("no room for http.max_connections")),
+        "the lowered HTTP cap is announced:\n{}",
+        hub.log.join("\n")
+    );
+    let url = BrokerUrl::new("127.0.0.1", port);
+    let _steady = sim_device(&url, "steady", Duration::from_millis(300)).await;
+    let http = Http::new(format!("http://127.0.0.1:{http_port}"));
+    wait_for_online(&http, 1).await;
+
+    // 1,100 clients send half a request each (no key needed to get this far) and hold.
+    let mut loris = Vec::with_capacity(1100);
+    for _ in 0..1100 {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", http_port))
+            .await
+            .expect("connect (accepted or queued)");
+        stream
+            .write_all(b"GET /api/v1/devices HTTP/1.1\r\nHost: hub\r\nX-Slow: ")
+            .await
+            .expect("half a request");
+        loris.push(stream);
+    }
+
+    // A normal client is served again within 15 s (header timeout 5 s: the held
+    // connections are cut off in rounds as the cap lets them in).
+    let response = within(
+        Duration::from_secs(15),
+        "a normal request to be served",
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{http_port}/api/v1/summary"))
+            .send(),
+    )
+    .await
+    .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // Every slow client was cut off, none served.
+    within(PATIENCE * 2, "every slow connection to be closed", async {
+        for stream in &mut loris {
+            let mut rest = Vec::new();
+            // Closed: end of stream (or a reset).
+            let _ = stream.read_to_end(&mut rest).await;
+            assert!(rest.is_empty() || !rest.starts_with(b"HTTP/1.1 200"));
+        }
+    })
+    .await;
+    drop(loris);
+
+    assert!(hub.is_running(), "the hub stopped:\n{}", hub.log.join("\n"));
+    // The database, the broker and the HTTP side all still work.
+    let response = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{http_port}/api/v1/devices/after-loris/heartbeat"
+        ))
+        .send()
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let late = sim_device(&url, "late-comer", Duration::from_millis(300)).await;
+    wait_for_online(&http, 3).await;
+    assert_eq!(http.get("/healthz").await.0, StatusCode::OK);
+    late.stop().await;
+    hub.terminate();
+    assert!(hub.wait().await.success());
+}
+
 #[cfg(feature = "fault-tests")]
 mod full_disk {
     use std::path::{Path, PathBuf};

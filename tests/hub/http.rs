@@ -637,3 +637,60 @@ async fn the_dashboard_page_is_served() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_cap_or_the_timeout_are_answered_503_and_probes_still_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = spawn_app_with(Broker::Embedded, |s| {
+        s.http.max_requests = 1;
+        s.http.request_timeout = Duration::from_secs(6);
+    })
+    .await;
+    // A request in progress: its body arrives slowly, so it holds the one slot.
+    let addr = app.http.trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    slow.write_all(
+        b"POST /api/v1/devices/slow-1/heartbeat HTTP/1.1\r\nHost: hub\r\n\
+          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .await
+    .expect("half a request");
+
+    let turned_away = within(PATIENCE, "the second request to be answered", async {
+        loop {
+            let response = app.send(Method::GET, "/api/v1/summary").await;
+            // The slow request may not hold its slot yet when the first try lands.
+            if response.status() != StatusCode::OK {
+                return response;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(turned_away.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let error = json_of(turned_away).await["error"].to_string();
+    assert!(error.contains("http.max_requests"), "{error}");
+    // Probes are not counted against the cap.
+    let live = app.send(Method::GET, "/livez").await;
+    assert_eq!(live.status(), StatusCode::OK);
+
+    // The slow request itself is answered once http.request_timeout has passed.
+    let mut answer = Vec::new();
+    within(PATIENCE, "the slow request to be answered", async {
+        let mut buf = [0u8; 1024];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = slow.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let head = String::from_utf8_lossy(&answer);
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    let ok = app.send(Method::GET, "/api/v1/summary").await;
+    assert_eq!(ok.status(), StatusCode::OK, "the slot is free again");
+    app.stop().await;
+}

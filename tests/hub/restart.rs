@@ -23,7 +23,35 @@ impl HubProcess {
     /// Starts the binary in `dir` with the given environment overrides (and no
     /// FLEETWATCH_* variables inherited from the caller).
     pub fn spawn(dir: &Path, args: &[&str], env: &[(&str, String)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_fleetwatch"));
+        Self::spawn_command(
+            Command::new(env!("CARGO_BIN_EXE_fleetwatch")),
+            dir,
+            args,
+            env,
+        )
+    }
+
+    /// As [`HubProcess::spawn`], under an open-file limit (soft and hard) of `files`.
+    pub fn spawn_with_file_limit(
+        files: u32,
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> Self {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_fleetwatch"));
+        Self::spawn_command(command, dir, args, env)
+    }
+
+    fn spawn_command(
+        mut command: Command,
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> Self {
         command
             .args(args)
             .current_dir(dir)
@@ -90,6 +118,11 @@ impl HubProcess {
             self.log.push(line);
         }
         status
+    }
+
+    /// Still running (not exited).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub async fn kill(&mut self) {
