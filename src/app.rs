@@ -199,6 +199,7 @@ impl Application {
                 max_batch: hb.max_batch,
                 max_uncommitted: hb.max_uncommitted,
             },
+            self.settings.devices.policy(),
         );
         let mut handler_task = tokio::spawn(handler.run(inbox));
 
@@ -246,6 +247,7 @@ impl Application {
                 alerts: alerts.clone(),
                 keys: keys.into(),
                 max_payload: hb.max_payload,
+                max_devices: self.settings.devices.policy().max_devices,
                 health: Arc::clone(&self.health),
                 closing: closing.clone(),
             },

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::heartbeat::payload::DEFAULT_MAX_PAYLOAD;
+use crate::registration::Policy;
 
 /// The file read when `--config` is not given, if it exists.
 pub const DEFAULT_FILE: &str = "fleetwatch.toml";
@@ -28,6 +29,30 @@ pub struct Settings {
     pub heartbeat: HeartbeatSettings,
     pub http: HttpSettings,
     pub health: HealthSettings,
+    pub devices: DeviceSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSettings {
+    /// A first heartbeat from an unknown id registers it.
+    pub auto_register: bool,
+    /// The most devices the hub holds (0: no cap). New ids beyond it are refused.
+    pub max_devices: u64,
+    /// New devices per second by heartbeat (0: no limit), and how many may come at once.
+    pub registration_rate: f64,
+    pub registration_burst: u64,
+}
+
+impl DeviceSettings {
+    pub fn policy(&self) -> Policy {
+        Policy {
+            auto_register: self.auto_register,
+            max_devices: (self.max_devices > 0).then_some(self.max_devices),
+            rate: (self.registration_rate > 0.0).then_some(self.registration_rate),
+            burst: self.registration_burst,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -235,6 +260,12 @@ impl Default for Settings {
                 commit_lag: Duration::from_secs(10),
                 publish_lag: Duration::from_secs(30),
             },
+            devices: DeviceSettings {
+                auto_register: true,
+                max_devices: 1_000_000,
+                registration_rate: 1_000.0,
+                registration_burst: 10_000,
+            },
         }
     }
 }
@@ -337,6 +368,19 @@ impl Settings {
                     format!("{value} is out of range (1 to {max})"),
                 ));
             }
+        }
+        let rate = self.devices.registration_rate;
+        if !rate.is_finite() || rate < 0.0 {
+            return Err(ConfigError::key(
+                "devices.registration_rate",
+                format!("{rate} is not a rate (new devices per second, 0 for no limit)"),
+            ));
+        }
+        if self.devices.registration_burst == 0 {
+            return Err(ConfigError::key(
+                "devices.registration_burst",
+                "must be at least 1",
+            ));
         }
         if self.mqtt.broker == BrokerMode::External {
             self.broker_url()?;
@@ -558,8 +602,21 @@ mod tests {
             ("FLEETWATCH_HEARTBEAT__MAX_UNCOMMITTED", "1000"),
             ("FLEETWATCH_HEALTH__COMMIT_LAG", "4s"),
             ("FLEETWATCH_HEALTH__PUBLISH_LAG", "1m"),
+            ("FLEETWATCH_DEVICES__AUTO_REGISTER", "false"),
+            ("FLEETWATCH_DEVICES__MAX_DEVICES", "0"),
+            ("FLEETWATCH_DEVICES__REGISTRATION_RATE", "2.5"),
+            ("FLEETWATCH_DEVICES__REGISTRATION_BURST", "7"),
         ])
         .expect("overrides load");
+        assert_eq!(
+            settings.devices.policy(),
+            Policy {
+                auto_register: false,
+                max_devices: None,
+                rate: Some(2.5),
+                burst: 7
+            }
+        );
         let http = &settings.http;
         assert_eq!((http.max_connections, http.max_requests), (300, 40));
         assert_eq!(
@@ -629,6 +686,16 @@ mod tests {
                 "http.header_timeout",
             ),
             ("FLEETWATCH_HEALTH__COMMIT_LAG", "soon", "health.commit_lag"),
+            (
+                "FLEETWATCH_DEVICES__REGISTRATION_RATE",
+                "-1",
+                "devices.registration_rate",
+            ),
+            (
+                "FLEETWATCH_DEVICES__AUTO_REGISTER",
+                "maybe",
+                "devices.auto_register",
+            ),
             (
                 "FLEETWATCH_HEARTBEAT__MAX_UNCOMMITTED",
                 "0",

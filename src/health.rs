@@ -22,7 +22,8 @@ use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::heartbeat::batch::DeviceUpdate;
 use crate::mqtt::broker;
-use crate::storage::{Device, DeviceQuery, OutboxItem, Store, StoreError, Summary};
+use crate::registration::NewDevices;
+use crate::storage::{Applied, Device, DeviceQuery, OutboxItem, Store, StoreError, Summary};
 
 /// How long a broker probe result is reused: health checks may come often.
 const PROBE_CACHE: Duration = Duration::from_secs(1);
@@ -275,8 +276,12 @@ impl RecordWrites {
 
 #[async_trait]
 impl Store for RecordWrites {
-    async fn apply(&self, updates: &[DeviceUpdate]) -> Result<Vec<StatusEvent>, StoreError> {
-        self.record(self.inner.apply(updates).await)
+    async fn apply(
+        &self,
+        updates: &[DeviceUpdate],
+        new: NewDevices,
+    ) -> Result<Applied, StoreError> {
+        self.record(self.inner.apply(updates, new).await)
     }
 
     async fn mark_offline(
@@ -287,8 +292,13 @@ impl Store for RecordWrites {
         self.record(self.inner.mark_offline(cutoff, now).await)
     }
 
-    async fn register(&self, id: &DeviceId, now: Timestamp) -> Result<StatusEvent, StoreError> {
-        self.record(self.inner.register(id, now).await)
+    async fn register(
+        &self,
+        id: &DeviceId,
+        now: Timestamp,
+        max_devices: Option<u64>,
+    ) -> Result<StatusEvent, StoreError> {
+        self.record(self.inner.register(id, now, max_devices).await)
     }
 
     async fn unpublished(&self, after_seq: i64, limit: u32) -> Result<Vec<OutboxItem>, StoreError> {
@@ -359,14 +369,17 @@ mod tests {
         let fake = Arc::new(FakeStore::default());
         let store = RecordWrites::new(fake.clone(), Arc::clone(&health));
         fake.fail(Some("disk full"));
-        assert!(store.apply(&[]).await.is_err());
+        assert!(store.apply(&[], NewDevices::UNLIMITED).await.is_err());
         let error = health.writes().expect_err("unhealthy");
         assert!(error.contains("disk full"), "{error}");
         // A read works on a full disk; it proves nothing about writes.
         store.summary().await.expect("read");
         assert!(health.writes().is_err());
         fake.fail(None);
-        store.apply(&[]).await.expect("write");
+        store
+            .apply(&[], NewDevices::UNLIMITED)
+            .await
+            .expect("write");
         assert_eq!(health.writes(), Ok(()));
     }
 

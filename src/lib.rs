@@ -34,5 +34,6 @@ pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod open_files;
+pub mod registration;
 pub mod status;
 pub mod storage;

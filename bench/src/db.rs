@@ -106,7 +106,12 @@ async fn hub_round(store: &SqliteStore, ids: &[DeviceId], batch: usize, round: u
                 heartbeat(round),
             );
         }
-        store.apply(&pending.take()).await?;
+        store
+            .apply(
+                &pending.take(),
+                fleetwatch::registration::NewDevices::UNLIMITED,
+            )
+            .await?;
     }
     Ok(())
 }

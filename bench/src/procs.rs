@@ -206,6 +206,10 @@ impl Hub {
                 "FLEETWATCH_HEARTBEAT__OFFLINE_AFTER",
                 format!("{}ms", offline_after.as_millis()),
             )
+            // The benchmarks register whole fleets at once, a million devices at most:
+            // the registration limits, which guard against invented ids, are lifted.
+            .env("FLEETWATCH_DEVICES__MAX_DEVICES", "0")
+            .env("FLEETWATCH_DEVICES__REGISTRATION_RATE", "0")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(
                 dir.join(format!("hub-{http_port}.log")),

@@ -11,7 +11,7 @@
 //! the pressure goes back to the subscriber (which then counts as not listening: no
 //! device goes offline for the database's fault) and to HTTP clients (503).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -20,12 +20,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{self, Instant, MissedTickBehavior};
 
 use super::batch::Batch;
-use super::{Inbound, Receipt};
+use super::{Inbound, Outcome, Receipt, RejectLog, RejectReason};
 use crate::alerts::AlertChannel;
 use crate::device::DeviceId;
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::storage::Store;
+use crate::registration::{NewDevices, Policy, RateLimit, Refusal};
+use crate::storage::{Applied, Store};
 
 /// Messages taken from the queue per wake-up.
 const RECV_CHUNK: usize = 1024;
@@ -80,6 +81,11 @@ pub struct HeartbeatHandler {
     held_since: Option<Instant>,
     /// Set while commits fail.
     failing: Option<Failing>,
+    registration: Policy,
+    /// New devices by heartbeat allowed now.
+    new_devices: RateLimit,
+    /// Refused registrations, counted and logged (rate-limited).
+    rejects: RejectLog,
 }
 
 /// How the handler batches and how much it may hold.
@@ -118,8 +124,12 @@ impl HeartbeatHandler {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         limits: Limits,
+        registration: Policy,
     ) -> Self {
         Self {
+            rejects: RejectLog::new(Arc::clone(&metrics)),
+            new_devices: RateLimit::new(registration.rate, registration.burst),
+            registration,
             store,
             alerts,
             metrics,
@@ -234,9 +244,14 @@ impl HeartbeatHandler {
         let messages = self.batch.messages() as u64;
         let updates = self.batch.take();
         let started = Instant::now();
-        let result = self.store.apply(&updates).await;
+        let new = NewDevices {
+            auto_register: self.registration.auto_register,
+            allowed: self.new_devices.available(),
+            max_devices: self.registration.max_devices,
+        };
+        let result = self.store.apply(&updates, new).await;
         let outcome = match result {
-            Ok(events) => {
+            Ok(Applied { events, refused }) => {
                 self.held_since = None;
                 self.recovered();
                 self.metrics.flush.observe_duration(started.elapsed());
@@ -250,15 +265,25 @@ impl HeartbeatHandler {
                     "batch committed"
                 );
                 self.alerts.committed(&events);
-                if !self.receipts.is_empty() {
-                    let registered: HashSet<&DeviceId> = events
-                        .iter()
-                        .filter(|e| e.previous_status.is_none())
-                        .map(|e| &e.device_id)
-                        .collect();
-                    for (device, receipt) in self.receipts.drain(..) {
-                        let _ = receipt.send(Ok(registered.contains(&device)));
-                    }
+                let registered: HashSet<&DeviceId> = events
+                    .iter()
+                    .filter(|e| e.previous_status.is_none())
+                    .map(|e| &e.device_id)
+                    .collect();
+                self.new_devices.spend(registered.len() as u64);
+                let refused: HashMap<DeviceId, Refusal> = refused.into_iter().collect();
+                for (device, refusal) in &refused {
+                    self.rejects
+                        .reject(RejectReason::from(*refusal), device.as_str(), refusal);
+                }
+                for (device, receipt) in self.receipts.drain(..) {
+                    let outcome = match refused.get(&device) {
+                        Some(refusal) => Outcome::Refused(*refusal),
+                        None => Outcome::Committed {
+                            registered: registered.contains(&device),
+                        },
+                    };
+                    let _ = receipt.send(Ok(outcome));
                 }
                 Ok(())
             }
@@ -392,6 +417,12 @@ mod tests {
                 flush_interval: FLUSH,
                 max_batch: 1000,
                 max_uncommitted,
+            },
+            Policy {
+                auto_register: true,
+                max_devices: None,
+                rate: None,
+                burst: 1,
             },
         );
         let (queue, inbox) = mpsc::channel(capacity);

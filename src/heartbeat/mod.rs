@@ -14,12 +14,22 @@ use tokio::sync::oneshot;
 
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
+use crate::registration::Refusal;
 pub use handler::{FlushError, FlushHandle, HeartbeatHandler, Limits, Unsaved};
 pub use payload::{Heartbeat, PayloadError, Report};
 pub use reject::{RejectLog, RejectReason};
 
-/// Answers an HTTP heartbeat once committed: `Ok(true)` if it registered the device.
-pub type Receipt = oneshot::Sender<Result<bool, FlushError>>;
+/// What became of a heartbeat whose sender waits to hear (HTTP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Committed; `registered`: it made the device known.
+    Committed { registered: bool },
+    /// The device is unknown and the registration policy refused it.
+    Refused(Refusal),
+}
+
+/// Answers an HTTP heartbeat once its batch is committed (or failed).
+pub type Receipt = oneshot::Sender<Result<Outcome, FlushError>>;
 
 /// A message for the heartbeat handler, in the order it was received.
 #[derive(Debug)]

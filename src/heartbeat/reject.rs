@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
+use crate::registration::Refusal;
 
 /// Why a message was dropped without touching state; a label on the rejection counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -22,10 +23,26 @@ pub enum RejectReason {
     InvalidField,
     /// A retained heartbeat or Will, replayed by the broker on subscribe: old news.
     Retained,
+    /// An unknown device with `devices.auto_register` off.
+    Unregistered,
+    /// An unknown device while the hub holds `devices.max_devices`.
+    DeviceLimit,
+    /// An unknown device beyond `devices.registration_rate`.
+    RegistrationRate,
+}
+
+impl From<Refusal> for RejectReason {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::NotRegistered => RejectReason::Unregistered,
+            Refusal::DeviceLimit => RejectReason::DeviceLimit,
+            Refusal::RateLimited => RejectReason::RegistrationRate,
+        }
+    }
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::InvalidDeviceId,
         RejectReason::UnknownTopic,
         RejectReason::TooLarge,
@@ -35,6 +52,9 @@ impl RejectReason {
         RejectReason::MalformedJson,
         RejectReason::InvalidField,
         RejectReason::Retained,
+        RejectReason::Unregistered,
+        RejectReason::DeviceLimit,
+        RejectReason::RegistrationRate,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -48,6 +68,9 @@ impl RejectReason {
             RejectReason::MalformedJson => "malformed_json",
             RejectReason::InvalidField => "invalid_field",
             RejectReason::Retained => "retained",
+            RejectReason::Unregistered => "unregistered",
+            RejectReason::DeviceLimit => "device_limit",
+            RejectReason::RegistrationRate => "registration_rate",
         }
     }
 

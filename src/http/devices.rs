@@ -16,7 +16,8 @@ use super::HttpState;
 use super::error::{ApiError, ErrorBody, from_rejection};
 use crate::device::DeviceId;
 use crate::event::StatusEvent;
-use crate::heartbeat::{FlushError, Inbound, PayloadError, payload};
+use crate::heartbeat::{FlushError, Inbound, Outcome, PayloadError, payload};
+use crate::registration::Refusal;
 use crate::status::Status;
 use crate::storage::{Device, DeviceQuery, StoreError, Summary};
 
@@ -63,6 +64,7 @@ pub struct ListParams {
 pub struct DeviceList {
     devices: Vec<Device>,
     /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
     next_cursor: Option<String>,
 }
 
@@ -142,6 +144,7 @@ pub struct Registration {
         (status = 201, description = "Registered", body = Device),
         (status = 400, description = "Body is not JSON", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 403, description = "The hub holds devices.max_devices devices", body = ErrorBody),
         (status = 409, description = "The device already exists", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "Not a valid device id, or a missing field", body = ErrorBody),
@@ -153,7 +156,10 @@ pub async fn register(
 ) -> Result<impl IntoResponse, ApiError> {
     let Json(registration) = body.map_err(from_rejection)?;
     let id = device_id(&registration.device_id)?;
-    let event = state.store.register(&id, state.clock.now()).await?;
+    let event = state
+        .store
+        .register(&id, state.clock.now(), state.max_devices)
+        .await?;
     state.alerts.committed(std::slice::from_ref(&event));
     let device =
         state.store.device(&id).await?.ok_or_else(|| {
@@ -201,6 +207,7 @@ pub struct HistoryParams {
 pub struct EventList {
     events: Vec<StatusEvent>,
     /// Pass as `cursor` for the next (older) page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
     next_cursor: Option<i64>,
 }
 
@@ -279,10 +286,13 @@ pub struct HeartbeatAck {
     security(("api_key" = [])),
     responses(
         (status = 200, description = "Committed", body = HeartbeatAck),
-        (status = 400, description = "Malformed JSON, not an object, not UTF-8, or nested too deep", body = ErrorBody),
+        (status = 400, description = "The body is not JSON: not UTF-8, or a syntax error", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 403, description = "A new device while the hub holds devices.max_devices", body = ErrorBody),
+        (status = 404, description = "An unknown device while devices.auto_register is off", body = ErrorBody),
         (status = 413, description = "Payload over the limit", body = ErrorBody),
-        (status = 422, description = "Not a valid device id, or a field of the wrong type or size", body = ErrorBody),
+        (status = 422, description = "Not a valid device id, or JSON that is not a heartbeat: not an object, nested too deep, a field of the wrong type or over its limit", body = ErrorBody),
+        (status = 429, description = "A new device beyond devices.registration_rate; Retry-After says when to try again", body = ErrorBody),
         (status = 503, description = "Not committed (the database is failing) or not within http.request_timeout", body = ErrorBody),
     ))]
 pub async fn heartbeat(
@@ -294,18 +304,23 @@ pub async fn heartbeat(
     let body = body.map_err(from_rejection)?;
     let heartbeat = payload::parse(&body, state.max_payload).map_err(|e| {
         state.metrics.reject(e.reason());
+        // One rule: 400 when the body is not JSON at all, 422 when it is JSON but not
+        // a heartbeat.
         match e {
             PayloadError::TooLarge { .. } => ApiError::PayloadTooLarge(e.to_string()),
-            PayloadError::InvalidField(_) | PayloadError::OverLimit(_) => {
-                ApiError::Unprocessable(e.to_string())
+            PayloadError::InvalidUtf8 | PayloadError::Malformed(_) => {
+                ApiError::BadRequest(e.to_string())
             }
-            _ => ApiError::BadRequest(e.to_string()),
+            PayloadError::NotAnObject
+            | PayloadError::TooDeep
+            | PayloadError::InvalidField(_)
+            | PayloadError::OverLimit(_) => ApiError::Unprocessable(e.to_string()),
         }
     })?;
     state.metrics.http_heartbeats_received.fetch_add(1, Relaxed);
     let (receipt, committed) = oneshot::channel();
     let message = Inbound::Heartbeat {
-        device: id,
+        device: id.clone(),
         at: state.clock.now(),
         heartbeat: Box::new(heartbeat),
         receipt: Some(receipt),
@@ -315,7 +330,8 @@ pub async fn heartbeat(
     let stopping = || ApiError::Unavailable("the hub is shutting down".into());
     state.queue.send(message).await.map_err(|_| stopping())?;
     let registered = match committed.await {
-        Ok(Ok(registered)) => registered,
+        Ok(Ok(Outcome::Committed { registered })) => registered,
+        Ok(Ok(Outcome::Refused(refusal))) => return Err(refused(&id, refusal)),
         Ok(Err(FlushError::Store(error))) => {
             return Err(ApiError::Unavailable(format!(
                 "the heartbeat is not committed yet ({error}); the hub holds it and retries"
@@ -328,4 +344,21 @@ pub async fn heartbeat(
         registered,
         pending_commands: Vec::new(),
     }))
+}
+
+/// The answer to a heartbeat from a device the registration policy would not register.
+fn refused(id: &DeviceId, refusal: Refusal) -> ApiError {
+    match refusal {
+        Refusal::NotRegistered => ApiError::NotFound(format!(
+            "device {id} is not registered and devices.auto_register is off; \
+             register it with POST /api/v1/devices"
+        )),
+        Refusal::DeviceLimit => ApiError::Forbidden(format!(
+            "device {id} is new and the hub holds devices.max_devices devices"
+        )),
+        Refusal::RateLimited => ApiError::TooManyRequests(format!(
+            "device {id} is new and too many devices registered just now \
+             (devices.registration_rate); send it again later"
+        )),
+    }
 }

@@ -57,6 +57,8 @@ pub struct HttpState {
     /// Accepted API keys; empty means no authentication (loopback only).
     pub keys: Arc<[Secret]>,
     pub max_payload: usize,
+    /// `devices.max_devices`, for registrations through the API.
+    pub max_devices: Option<u64>,
     pub health: Arc<Health>,
     /// Cancelled at shutdown, so open event streams end.
     pub closing: CancellationToken,

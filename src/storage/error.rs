@@ -6,6 +6,8 @@ pub enum StoreError {
     NotFound(DeviceId),
     #[error("device {0} already exists")]
     AlreadyExists(DeviceId),
+    #[error("devices.max_devices ({0}) reached")]
+    DeviceLimit(u64),
     #[error("unsupported database url {0:?} (expected sqlite://PATH)")]
     UnsupportedUrl(String),
     #[error("database migration failed: {0}")]

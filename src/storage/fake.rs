@@ -6,11 +6,12 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Device, DeviceQuery, OutboxItem, Store, StoreError, Summary};
+use super::{Applied, Device, DeviceQuery, OutboxItem, Store, StoreError, Summary};
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::heartbeat::batch::DeviceUpdate;
+use crate::registration::NewDevices;
 use crate::status::{Signal, Status, transition};
 
 #[derive(Default)]
@@ -46,13 +47,13 @@ impl FakeStore {
 
 #[async_trait]
 impl Store for FakeStore {
-    async fn apply(&self, updates: &[DeviceUpdate]) -> Result<Vec<StatusEvent>, StoreError> {
+    async fn apply(&self, updates: &[DeviceUpdate], _: NewDevices) -> Result<Applied, StoreError> {
         *self.attempts.lock().expect("lock") += 1;
         if let Some(why) = self.failing.lock().expect("lock").clone() {
             return Err(StoreError::Corrupt(why));
         }
         self.applied.lock().expect("lock").push(updates.to_vec());
-        Ok(Vec::new())
+        Ok(Applied::default())
     }
 
     async fn mark_offline(
@@ -72,7 +73,12 @@ impl Store for FakeStore {
             .collect())
     }
 
-    async fn register(&self, _: &DeviceId, _: Timestamp) -> Result<StatusEvent, StoreError> {
+    async fn register(
+        &self,
+        _: &DeviceId,
+        _: Timestamp,
+        _: Option<u64>,
+    ) -> Result<StatusEvent, StoreError> {
         Err(StoreError::Corrupt(
             "not supported by the fake store".into(),
         ))

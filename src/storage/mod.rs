@@ -18,6 +18,7 @@ use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::heartbeat::Report;
 use crate::heartbeat::batch::DeviceUpdate;
+use crate::registration::{NewDevices, Refusal};
 use crate::status::Status;
 
 /// A device as stored.
@@ -43,8 +44,11 @@ pub struct Device {
 pub trait Store: Send + Sync + 'static {
     /// Applies a flush atomically: every device's signals go through the status
     /// machine, rows and reported fields are written, and each transition's event is
-    /// added to the outbox in the same transaction. Returns the new events.
-    async fn apply(&self, updates: &[DeviceUpdate]) -> Result<Vec<StatusEvent>, StoreError>;
+    /// added to the outbox in the same transaction. Unknown devices are registered as
+    /// [`crate::registration::admit`] decides under `new`; the refused ones are left
+    /// out and returned.
+    async fn apply(&self, updates: &[DeviceUpdate], new: NewDevices)
+    -> Result<Applied, StoreError>;
 
     /// Takes every online or error device last seen before `cutoff` offline, at `now`,
     /// in one transaction, and returns their events. A device is taken by exactly one
@@ -55,8 +59,14 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<Vec<StatusEvent>, StoreError>;
 
-    /// Registers a device an operator expects (status provisioning).
-    async fn register(&self, id: &DeviceId, now: Timestamp) -> Result<StatusEvent, StoreError>;
+    /// Registers a device an operator expects (status provisioning), unless the store
+    /// already holds `max_devices`.
+    async fn register(
+        &self,
+        id: &DeviceId,
+        now: Timestamp,
+        max_devices: Option<u64>,
+    ) -> Result<StatusEvent, StoreError>;
 
     /// Unpublished outbox entries after `after_seq`, oldest first.
     async fn unpublished(&self, after_seq: i64, limit: u32) -> Result<Vec<OutboxItem>, StoreError>;
@@ -95,6 +105,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// A trivial query: the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// What a flush did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Applied {
+    /// The transitions committed, in order.
+    pub events: Vec<StatusEvent>,
+    /// Unknown devices not registered, and why: their updates were left out.
+    pub refused: Vec<(DeviceId, Refusal)>,
 }
 
 /// Which devices to list.

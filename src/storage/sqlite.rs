@@ -25,12 +25,13 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
-use super::{Device, DeviceQuery, OutboxEntry, OutboxItem, Store, StoreError, Summary};
+use super::{Applied, Device, DeviceQuery, OutboxEntry, OutboxItem, Store, StoreError, Summary};
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::heartbeat::Report;
 use crate::heartbeat::batch::{DeviceUpdate, Step};
+use crate::registration::{self, NewDevices};
 use crate::status::{self, Signal, Status};
 
 /// How long a writer waits for another to finish before giving up.
@@ -408,6 +409,13 @@ async fn insert_events(tx: &mut WriteTx, events: &[StatusEvent]) -> Result<(), S
     Ok(())
 }
 
+async fn count_devices(tx: &mut WriteTx) -> Result<u64, StoreError> {
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM devices")
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}
+
 fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -419,9 +427,13 @@ fn clamp(value: Option<u64>) -> Option<i64> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn apply(&self, updates: &[DeviceUpdate]) -> Result<Vec<StatusEvent>, StoreError> {
+    async fn apply(
+        &self,
+        updates: &[DeviceUpdate],
+        new: NewDevices,
+    ) -> Result<Applied, StoreError> {
         if updates.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Applied::default());
         }
         let mut tx = self.write().await?;
         // Most of a flush is devices that keep their status: refresh those in place,
@@ -437,7 +449,7 @@ impl Store for SqliteStore {
             .collect();
         if updates.is_empty() {
             tx.commit().await?;
-            return Ok(Vec::new());
+            return Ok(Applied::default());
         }
         let ids: Vec<&str> = updates.iter().map(|u| u.device.as_str()).collect();
         let mut current: HashMap<String, Current> = HashMap::with_capacity(updates.len());
@@ -458,9 +470,34 @@ impl Store for SqliteStore {
             );
         }
 
+        // Unknown devices a heartbeat would register: the registration policy decides.
+        let candidates: Vec<(DeviceId, Timestamp)> = updates
+            .iter()
+            .filter(|u| !current.contains_key(u.device.as_str()))
+            .filter_map(|u| {
+                let first = u
+                    .steps
+                    .iter()
+                    .find(|s| matches!(s.signal, Signal::Heartbeat { .. }))?;
+                Some((u.device.clone(), first.at))
+            })
+            .collect();
+        let refused = if candidates.is_empty() || new == NewDevices::UNLIMITED {
+            HashMap::new()
+        } else {
+            let stored = match new.max_devices {
+                Some(_) => count_devices(&mut tx).await?,
+                None => 0,
+            };
+            registration::admit(candidates, stored, new)
+        };
+
         let mut events = Vec::new();
         let mut rows = Vec::with_capacity(updates.len());
         for update in &updates {
+            if refused.contains_key(&update.device) {
+                continue;
+            }
             let stored = current.get(update.device.as_str());
             let mut status = stored.map(|c| c.status);
             let mut changed = stored.map(|c| c.status_changed_at);
@@ -507,7 +544,10 @@ impl Store for SqliteStore {
         upsert_devices(&mut tx, &rows).await?;
         insert_events(&mut tx, &events).await?;
         tx.commit().await?;
-        Ok(events)
+        Ok(Applied {
+            events,
+            refused: refused.into_iter().collect(),
+        })
     }
 
     async fn mark_offline(
@@ -549,10 +589,30 @@ impl Store for SqliteStore {
         Ok(events)
     }
 
-    async fn register(&self, id: &DeviceId, now: Timestamp) -> Result<StatusEvent, StoreError> {
+    async fn register(
+        &self,
+        id: &DeviceId,
+        now: Timestamp,
+        max_devices: Option<u64>,
+    ) -> Result<StatusEvent, StoreError> {
         let transition = status::transition(None, Signal::Register)
             .ok_or_else(|| StoreError::Corrupt("registration has no transition".into()))?;
         let mut tx = self.write().await?;
+        if let Some(max) = max_devices
+            && count_devices(&mut tx).await? >= max
+        {
+            // A device that exists is a conflict, whatever the count.
+            let exists: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM devices WHERE device_id = ?1")
+                    .bind(id.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            tx.commit().await?;
+            return Err(match exists {
+                Some(_) => StoreError::AlreadyExists(id.clone()),
+                None => StoreError::DeviceLimit(max),
+            });
+        }
         let inserted = sqlx::query(
             "INSERT INTO devices (device_id, status, status_changed_at, registered_at) \
              VALUES (?1, ?2, ?3, ?3) ON CONFLICT (device_id) DO NOTHING",
@@ -836,6 +896,7 @@ mod tests {
     use super::*;
     use crate::heartbeat::Heartbeat;
     use crate::heartbeat::batch::Batch;
+    use crate::registration::Refusal;
     use crate::status::Reason;
 
     async fn store() -> (SqliteStore, tempfile::TempDir) {
@@ -867,7 +928,11 @@ mod tests {
     async fn apply(store: &SqliteStore, fill: impl FnOnce(&mut Batch)) -> Vec<StatusEvent> {
         let mut batch = Batch::default();
         fill(&mut batch);
-        store.apply(&batch.take()).await.expect("apply")
+        store
+            .apply(&batch.take(), NewDevices::UNLIMITED)
+            .await
+            .expect("apply")
+            .events
     }
 
     fn outbox_statuses(items: &[OutboxItem]) -> Vec<(String, Status)> {
@@ -1070,7 +1135,7 @@ mod tests {
         })
         .await;
         store
-            .register(&id("provisioned"), at(0))
+            .register(&id("provisioned"), at(0), None)
             .await
             .expect("register");
 
@@ -1158,7 +1223,10 @@ mod tests {
             b.add_heartbeat(id("a"), at(2_000), beat(false, None))
         })
         .await;
-        store.register(&id("b"), at(3_000)).await.expect("register");
+        store
+            .register(&id("b"), at(3_000), None)
+            .await
+            .expect("register");
 
         let pending = store.unpublished(0, 10).await.expect("read");
         assert_eq!(
@@ -1337,7 +1405,10 @@ mod tests {
             b.add_heartbeat(id("a"), at(2_000), beat(false, None))
         })
         .await;
-        store.register(&id("c"), at(3_000)).await.expect("register");
+        store
+            .register(&id("c"), at(3_000), None)
+            .await
+            .expect("register");
         let all: Vec<i64> = store
             .unpublished(0, 10)
             .await
@@ -1368,11 +1439,90 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn unknown_devices_past_the_cap_are_refused_and_known_ones_still_written() {
+        let (store, _dir) = store().await;
+        apply(&store, |b| {
+            b.add_heartbeat(id("a"), at(1_000), beat(true, None));
+            b.add_heartbeat(id("b"), at(1_000), beat(true, None));
+        })
+        .await;
+        let mut batch = Batch::default();
+        batch.add_heartbeat(id("a"), at(2_000), beat(false, None));
+        batch.add_heartbeat(id("d"), at(2_002), beat(true, None));
+        batch.add_heartbeat(id("c"), at(2_001), beat(true, None));
+        let capped = NewDevices {
+            max_devices: Some(3),
+            ..NewDevices::UNLIMITED
+        };
+        let applied = store.apply(&batch.take(), capped).await.expect("apply");
+        assert_eq!(
+            applied.refused,
+            vec![(id("d"), Refusal::DeviceLimit)],
+            "the earliest newcomer gets the last place"
+        );
+        assert_eq!(
+            summary(&applied.events),
+            vec![
+                (
+                    "a".into(),
+                    Some(Status::Online),
+                    Status::Error,
+                    Reason::DeviceError
+                ),
+                ("c".into(), None, Status::Online, Reason::Registered),
+            ]
+        );
+        assert_eq!(store.device(&id("d")).await.expect("read"), None);
+        assert!(matches!(
+            store.register(&id("e"), at(3_000), Some(3)).await,
+            Err(StoreError::DeviceLimit(3))
+        ));
+        assert!(matches!(
+            store.register(&id("a"), at(3_000), Some(3)).await,
+            Err(StoreError::AlreadyExists(_))
+        ));
+        store
+            .register(&id("e"), at(3_000), Some(4))
+            .await
+            .expect("room for one more");
+    }
+
+    #[tokio::test]
+    async fn without_auto_registration_only_registered_devices_are_written() {
+        let (store, _dir) = store().await;
+        store
+            .register(&id("known"), at(1_000), None)
+            .await
+            .expect("register");
+        let mut batch = Batch::default();
+        batch.add_heartbeat(id("known"), at(2_000), beat(true, None));
+        batch.add_heartbeat(id("stranger"), at(2_000), beat(true, None));
+        let closed = NewDevices {
+            auto_register: false,
+            ..NewDevices::UNLIMITED
+        };
+        let applied = store.apply(&batch.take(), closed).await.expect("apply");
+        assert_eq!(
+            applied.refused,
+            vec![(id("stranger"), Refusal::NotRegistered)]
+        );
+        assert_eq!(
+            summary(&applied.events),
+            vec![(
+                "known".into(),
+                Some(Status::Provisioning),
+                Status::Online,
+                Reason::Heartbeat
+            )]
+        );
+    }
+
+    #[tokio::test]
     async fn registering_twice_is_refused() {
         let (store, _dir) = store().await;
-        store.register(&id("a"), at(1)).await.expect("first");
+        store.register(&id("a"), at(1), None).await.expect("first");
         assert!(matches!(
-            store.register(&id("a"), at(2)).await,
+            store.register(&id("a"), at(2), None).await,
             Err(StoreError::AlreadyExists(_))
         ));
     }

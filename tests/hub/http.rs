@@ -208,7 +208,10 @@ async fn devices_are_registered_paged_filtered_fetched_and_deleted() {
         .await;
     let ids: Vec<_> = column(&page, "devices", "device_id");
     assert_eq!(ids, [json!("cam-3"), json!("door-1")]);
-    assert_eq!(page["next_cursor"], Value::Null);
+    assert!(
+        page.get("next_cursor").is_none(),
+        "absent on the last page, not null: {page}"
+    );
     let cams = app.get_json("/api/v1/devices?prefix=cam").await;
     assert_eq!(cams["devices"].as_array().map(Vec::len), Some(3));
     let online = app.get_json("/api/v1/devices?status=online").await;
@@ -308,9 +311,17 @@ async fn an_http_heartbeat_is_handled_exactly_like_an_mqtt_one() {
     drop(mqtt);
 
     let too_big = format!("{{\"hostname\":\"{}\"}}", "x".repeat(70 * 1024));
+    let too_deep = format!("{{\"x\":{}{}}}", "[".repeat(20), "]".repeat(20));
+    // One rule: 400 when the body is not JSON, 422 when it is JSON but no heartbeat.
     for (id, body, status) in [
         ("agent-2", "{not json", StatusCode::BAD_REQUEST),
-        ("agent-2", "[1,2]", StatusCode::BAD_REQUEST),
+        ("agent-2", "[1,2]", StatusCode::UNPROCESSABLE_ENTITY),
+        ("agent-2", "\"ok\"", StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            "agent-2",
+            too_deep.as_str(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
         (
             "agent-2",
             r#"{"uptime_seconds":"long"}"#,
@@ -337,6 +348,13 @@ async fn an_http_heartbeat_is_handled_exactly_like_an_mqtt_one() {
             "{error}"
         );
     }
+    let not_utf8 = app
+        .request(Method::POST, "/api/v1/devices/agent-2/heartbeat")
+        .body(vec![b'{', 0xff, 0xfe, b'}'])
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(not_utf8.status(), StatusCode::BAD_REQUEST);
     let parser = json_of(beat("agent-2", "{not json").await.expect("request")).await;
     assert!(
         parser["error"]
@@ -381,6 +399,7 @@ async fn history_is_newest_first_and_paged_and_summary_counts_statuses() {
         .await;
     let reasons: Vec<_> = column(&page, "events", "reason");
     assert_eq!(reasons, [json!("registered")]);
+    assert!(page.get("next_cursor").is_none(), "{page}");
 
     app.request(Method::POST, "/api/v1/devices")
         .json(&json!({"device_id": "spare-1"}))

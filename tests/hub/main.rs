@@ -10,6 +10,7 @@ mod faults;
 mod helpers;
 mod http;
 mod mosquitto;
+mod registration;
 mod restart;
 mod scenarios;
 mod sim;

@@ -363,7 +363,7 @@ pub async fn events_committed_before_start_are_published(broker: Broker) {
         .expect("store");
     let now = fleetwatch::clock::Clock::new().now();
     let registered = store
-        .register(&"spare-9".parse().expect("valid id"), now)
+        .register(&"spare-9".parse().expect("valid id"), now, None)
         .await
         .expect("register");
     drop(store);
@@ -388,7 +388,7 @@ pub async fn a_backlog_larger_than_a_page_is_all_published(broker: Broker) {
     let now = fleetwatch::clock::Clock::new().now();
     for i in 0..3000 {
         let id = format!("spare-{i:04}").parse().expect("valid id");
-        store.register(&id, now).await.expect("register");
+        store.register(&id, now, None).await.expect("register");
     }
 
     // Stopped at once: the shutdown drain alone must deliver all three pages.
