@@ -422,3 +422,193 @@ mod full_disk {
         new.stop().await;
     }
 }
+
+/// The broker killed under load, and the hub killed inside an offline storm: the
+/// guarantees that must hold across someone else's crash and the hub's own.
+#[cfg(feature = "mosquitto-tests")]
+mod crashes {
+    use std::collections::{HashMap, HashSet};
+
+    use fleetwatch::clock::Clock;
+    use fleetwatch::storage::Store;
+
+    use super::*;
+    use crate::mosquitto::Mosquitto;
+    use crate::restart::{HubProcess, hub_env};
+
+    /// Every device's current event, as the store says.
+    async fn current_events(store: &dyn Store) -> HashMap<String, fleetwatch::event::StatusEvent> {
+        let mut events = HashMap::new();
+        let mut after = None;
+        loop {
+            let page = store
+                .current_events(after.as_ref(), 1000)
+                .await
+                .expect("read");
+            let Some(last) = page.last() else {
+                return events;
+            };
+            after = Some(last.event.device_id.clone());
+            for stored in page {
+                events.insert(stored.event.device_id.to_string(), stored.event);
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mosquitto_killed_under_2000_devices_loses_nothing_and_invents_no_offline() {
+        const DEVICES: u64 = 2000;
+        let mut mosquitto = Mosquitto::start();
+        let offline_after = Duration::from_secs(3);
+        let app = spawn_app_with(Broker::External(mosquitto.url.clone()), |s| {
+            s.heartbeat.offline_after = offline_after;
+        })
+        .await;
+        let http = Http::new(app.http.clone());
+        let fleet = fleet(&mosquitto.url, "m-", DEVICES, Duration::from_secs(1));
+        wait_for_online(&http, DEVICES).await;
+
+        mosquitto.kill9();
+        let mut listening = app.listening.clone();
+        within(
+            PATIENCE,
+            "the hub to notice",
+            listening.wait_for(|s| s.is_none()),
+        )
+        .await
+        .expect("listening");
+        mosquitto.restart();
+        within(
+            PATIENCE,
+            "the hub to resubscribe",
+            listening.wait_for(|s| s.is_some()),
+        )
+        .await
+        .expect("listening");
+        let back = Clock::new().now();
+        // Every device is heard again, and the grace and a deadline after it pass.
+        eventually(PATIENCE, "every device heard after the restart", || async {
+            let mut query = fleetwatch::storage::DeviceQuery {
+                limit: 1000,
+                ..Default::default()
+            };
+            let mut heard = 0;
+            loop {
+                let page = app.store.devices(&query).await.expect("read");
+                let Some(last) = page.last() else { break };
+                query.after = Some(last.device_id.clone());
+                heard += page
+                    .iter()
+                    .filter(|d| d.last_seen_at.is_some_and(|seen| seen > back))
+                    .count();
+            }
+            heard as u64 == DEVICES
+        })
+        .await;
+        eventually(PATIENCE, "two deadlines after the restart", || async {
+            Clock::new().now().millis_since(back) > 2 * offline_after.as_millis() as i64
+        })
+        .await;
+        assert_eq!(
+            app.metrics.transitions(Status::Offline),
+            0,
+            "no device went offline for the broker's crash"
+        );
+        let summary = http.summary().await;
+        assert_eq!(summary["online"], DEVICES, "{summary}");
+
+        // An operator arriving now sees every device's current status, retained.
+        let stored = current_events(app.store.as_ref()).await;
+        let mut late = StatusWatcher::connect(&mosquitto.url).await;
+        late.wait_for_devices(Status::Online, DEVICES as usize, PATIENCE)
+            .await;
+        for seen in &late.history {
+            let device = seen.event.device_id.as_str();
+            assert_eq!(Some(&seen.event), stored.get(device), "{device}");
+        }
+        eventually(PATIENCE, "the outbox to be empty", || async {
+            app.store.unpublished(0, 10).await.expect("read").is_empty()
+        })
+        .await;
+        fleet.stop().await;
+        app.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_hub_killed_inside_an_offline_storm_reports_each_device_offline_once() {
+        const DEVICES: usize = 2000;
+        let mosquitto = Mosquitto::start();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("fleetwatch.db");
+        let mut env = hub_env(free_port(), &db);
+        env.extend([
+            ("FLEETWATCH_MQTT__BROKER", "external".to_string()),
+            ("FLEETWATCH_MQTT__URL", mosquitto.url.to_string()),
+            ("FLEETWATCH_HEARTBEAT__OFFLINE_AFTER", "2s".into()),
+            ("FLEETWATCH_HEARTBEAT__CHECK_INTERVAL", "100ms".into()),
+        ]);
+        let mut hub = HubProcess::spawn(dir.path(), &[], &env);
+        hub.wait_for_line("subscribed to device heartbeats").await;
+        let mut watcher = StatusWatcher::connect(&mosquitto.url).await;
+        let fleet = fleet(
+            &mosquitto.url,
+            "storm-",
+            DEVICES as u64,
+            Duration::from_millis(500),
+        );
+        watcher
+            .wait_for_devices(Status::Online, DEVICES, PATIENCE)
+            .await;
+
+        // All silent at once; the hub is killed as the storm's events go out.
+        fleet.stop().await;
+        watcher.wait_for_count(Status::Offline, 1, PATIENCE).await;
+        hub.kill().await;
+        let mut hub = HubProcess::spawn(dir.path(), &[], &env);
+        hub.wait_for_line("subscribed to device heartbeats").await;
+        watcher
+            .wait_for_devices(Status::Offline, DEVICES, PATIENCE * 2)
+            .await;
+        // Re-deliveries of what was acknowledged but not marked come now, if at all.
+        watcher.collect_for(Duration::from_secs(2)).await;
+
+        let store = fleetwatch::storage::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .expect("store");
+        let stored = current_events(store.as_ref()).await;
+        assert_eq!(stored.len(), DEVICES);
+        let mut offline_ids: HashMap<String, HashSet<uuid::Uuid>> = HashMap::new();
+        for seen in watcher
+            .history
+            .iter()
+            .filter(|s| s.event.status == Status::Offline)
+        {
+            offline_ids
+                .entry(seen.event.device_id.to_string())
+                .or_default()
+                .insert(seen.event.event_id);
+        }
+        assert_eq!(offline_ids.len(), DEVICES);
+        for (device, ids) in &offline_ids {
+            let current = &stored[device];
+            assert_eq!(current.status, Status::Offline, "{device}");
+            assert_eq!(
+                ids,
+                &HashSet::from([current.event_id]),
+                "{device}: one offline event, re-sent (if at all) under its first id"
+            );
+            let history = store
+                .events(&device.parse().expect("id"), None, 10)
+                .await
+                .expect("read");
+            let offline = history
+                .iter()
+                .filter(|e| e.event.status == Status::Offline)
+                .count();
+            assert_eq!(offline, 1, "{device}: exactly one offline transition");
+        }
+        assert_eq!(store.unpublished(0, 10).await.expect("read"), vec![]);
+        hub.terminate();
+        assert!(hub.wait().await.success());
+    }
+}

@@ -380,23 +380,41 @@ impl StatusWatcher {
 
     /// Waits until `count` events of `status` have arrived in total.
     pub async fn wait_for_count(&mut self, status: Status, count: usize, limit: Duration) {
+        self.wait_until(status, count, limit, |history| {
+            history.iter().filter(|s| s.event.status == status).count()
+        })
+        .await;
+    }
+
+    /// Waits until `count` different devices have had an event of `status`
+    /// (re-deliveries of one device's event count once).
+    pub async fn wait_for_devices(&mut self, status: Status, count: usize, limit: Duration) {
+        self.wait_until(status, count, limit, |history| {
+            history
+                .iter()
+                .filter(|s| s.event.status == status)
+                .map(|s| s.event.device_id.as_str())
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+        })
+        .await;
+    }
+
+    async fn wait_until(
+        &mut self,
+        status: Status,
+        count: usize,
+        limit: Duration,
+        counted: impl Fn(&[Seen]) -> usize,
+    ) {
         let deadline = Instant::now() + limit;
-        while self
-            .history
-            .iter()
-            .filter(|s| s.event.status == status)
-            .count()
-            < count
-        {
+        while counted(&self.history) < count {
             match time::timeout_at(deadline, self.inbox.recv()).await {
                 Ok(Some(seen)) => self.history.push(seen),
                 Ok(None) => panic!("watcher stopped"),
                 Err(_) => panic!(
-                    "only {} {status} events within {limit:?}",
-                    self.history
-                        .iter()
-                        .filter(|s| s.event.status == status)
-                        .count()
+                    "only {} of {count} {status} within {limit:?}",
+                    counted(&self.history)
                 ),
             }
         }

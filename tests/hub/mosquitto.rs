@@ -14,6 +14,7 @@ use crate::helpers::{Broker, free_port};
 pub struct Mosquitto {
     child: Child,
     pub url: BrokerUrl,
+    conf: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -24,9 +25,30 @@ impl Mosquitto {
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(&conf, shipped_config(port, dir.path())).expect("write mosquitto.conf");
+        let child = Self::spawn(&conf, port);
+        Self {
+            child,
+            url: BrokerUrl::new("127.0.0.1", port),
+            conf,
+            _dir: dir,
+        }
+    }
+
+    /// SIGKILL: no chance to save retained messages or say goodbye to clients.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL mosquitto");
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and data directory.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.conf, self.url.port);
+    }
+
+    fn spawn(conf: &std::path::Path, port: u16) -> Child {
         let child = Command::new("mosquitto")
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -44,11 +66,7 @@ impl Mosquitto {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self {
-            child,
-            url: BrokerUrl::new("127.0.0.1", port),
-            _dir: dir,
-        }
+        child
     }
 
     /// The broker for a hub, and the process guard to keep alive meanwhile.
