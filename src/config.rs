@@ -281,6 +281,12 @@ impl ConfigError {
     }
 }
 
+/// Where the file layer comes from.
+enum FileLayer<'a> {
+    Path(&'a Path),
+    Text(&'a str),
+}
+
 /// The parsed external broker address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
@@ -311,6 +317,22 @@ impl Settings {
             Some(path) => Some(path.to_path_buf()),
             None => Some(PathBuf::from(DEFAULT_FILE)).filter(|p| p.is_file()),
         };
+        Self::load_layers(file.as_deref().map(FileLayer::Path), vars)
+    }
+
+    /// Loads the layers with `toml` as the configuration file's text and `vars` as the
+    /// environment.
+    pub fn load_from_toml(
+        toml: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        Self::load_layers(Some(FileLayer::Text(toml)), vars)
+    }
+
+    fn load_layers(
+        file: Option<FileLayer<'_>>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let vars: Vec<(String, String)> = vars
             .into_iter()
             .filter(|(name, _)| name.starts_with(&format!("{ENV_PREFIX}_")))
@@ -320,9 +342,18 @@ impl Settings {
         let defaults = config::Config::try_from(&Settings::default())
             .map_err(|e| ConfigError(format!("built-in defaults: {e}")))?;
         let mut builder = config::Config::builder().add_source(defaults);
-        if let Some(path) = &file {
-            builder = builder.add_source(config::File::from(path.as_path()).required(true));
-        }
+        let file = match file {
+            Some(FileLayer::Path(path)) => {
+                builder = builder.add_source(config::File::from(path).required(true));
+                Some(path)
+            }
+            Some(FileLayer::Text(text)) => {
+                builder =
+                    builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
+                None
+            }
+            None => None,
+        };
         let environment = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("_")
             .separator("__")
@@ -330,10 +361,10 @@ impl Settings {
         let merged = builder
             .add_source(environment)
             .build()
-            .map_err(|e| describe(e, file.as_deref(), &vars))?;
+            .map_err(|e| describe(e, file, &vars))?;
         let settings: Settings = merged
             .try_deserialize()
-            .map_err(|e| describe(e, file.as_deref(), &vars))?;
+            .map_err(|e| describe(e, file, &vars))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -716,6 +747,23 @@ mod tests {
         ];
         let error = load(&external).expect_err("bad url").to_string();
         assert!(error.contains("mqtt.url"), "{error}");
+    }
+
+    #[test]
+    fn a_file_given_as_text_loads_under_the_environment() {
+        let toml = "[heartbeat]\noffline_after = \"3m\"\n\n[devices]\nmax_devices = 50\n";
+        let vars = [(
+            "FLEETWATCH_DEVICES__MAX_DEVICES".to_string(),
+            "70".to_string(),
+        )];
+        let settings = Settings::load_from_toml(toml, vars).expect("loads");
+        assert_eq!(settings.heartbeat.offline_after, Duration::from_secs(180));
+        assert_eq!(settings.devices.max_devices, 70, "the environment wins");
+        let error = Settings::load_from_toml("[heartbeat]\nofline_after = \"3m\"\n", [])
+            .expect_err("unknown key")
+            .to_string();
+        assert!(error.contains("ofline_after"), "{error}");
+        assert!(!error.contains('\n'), "{error}");
     }
 
     #[test]

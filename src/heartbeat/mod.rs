@@ -16,6 +16,7 @@ use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::registration::Refusal;
 pub use handler::{FlushError, FlushHandle, HeartbeatHandler, Limits, Unsaved};
+pub(crate) use payload::Wire as HeartbeatPayload;
 pub use payload::{Heartbeat, PayloadError, Report};
 pub use reject::{RejectLog, RejectReason};
 

@@ -15,9 +15,10 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 64 * 1024;
 /// anything far deeper is not a heartbeat, even inside a field we would ignore.
 pub const MAX_NESTING: usize = 8;
 /// Longest accepted text field (`hostname`, `firmware_version`, `os_info` fields and
-/// metric names), in bytes.
+/// metric names), in characters (as JSON Schema's `maxLength` counts, so the OpenAPI
+/// document can state it).
 pub const MAX_TEXT: usize = 256;
-/// Longest accepted `error` text, in bytes.
+/// Longest accepted `error` text, in characters.
 pub const MAX_ERROR_TEXT: usize = 1024;
 /// Most entries accepted in `metrics`. Without these caps one 64 KiB heartbeat could
 /// take most of a megabyte once parsed, queued and batched.
@@ -76,12 +77,16 @@ fn overlay<T>(slot: &mut Option<T>, newer: Option<T>) {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OsInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 256)]
     pub distribution: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 256)]
     pub version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 256)]
     pub kernel: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 256)]
     pub architecture: Option<String>,
 }
 
@@ -149,40 +154,40 @@ pub fn parse(payload: &[u8], limit: usize) -> Result<Heartbeat, PayloadError> {
         serde_json::error::Category::Data => PayloadError::InvalidField(e),
         _ => PayloadError::Malformed(e),
     })?;
-    let heartbeat = Heartbeat::from(wire);
-    check_limits(&heartbeat)?;
-    Ok(heartbeat)
+    // On what arrived: an over-long `error` is refused even when `status` is ok and
+    // the text would be dropped.
+    check_limits(&wire)?;
+    Ok(Heartbeat::from(wire))
 }
 
-fn check_limits(heartbeat: &Heartbeat) -> Result<(), PayloadError> {
+fn check_limits(wire: &Wire) -> Result<(), PayloadError> {
     let too_long = |name: &str, text: &Option<String>, limit: usize| match text {
-        Some(text) if text.len() > limit => Err(PayloadError::OverLimit(format!(
-            "{name} is {} bytes, over the {limit}-byte limit",
-            text.len()
+        Some(text) if text.chars().count() > limit => Err(PayloadError::OverLimit(format!(
+            "{name} is {} characters, over the {limit}-character limit",
+            text.chars().count()
         ))),
         _ => Ok(()),
     };
-    let report = &heartbeat.report;
-    too_long("error", &heartbeat.error, MAX_ERROR_TEXT)?;
-    too_long("hostname", &report.hostname, MAX_TEXT)?;
-    too_long("firmware_version", &report.firmware_version, MAX_TEXT)?;
-    if let Some(os) = &report.os_info {
+    too_long("error", &wire.error, MAX_ERROR_TEXT)?;
+    too_long("hostname", &wire.hostname, MAX_TEXT)?;
+    too_long("firmware_version", &wire.firmware_version, MAX_TEXT)?;
+    if let Some(os) = &wire.os_info {
         too_long("os_info.distribution", &os.distribution, MAX_TEXT)?;
         too_long("os_info.version", &os.version, MAX_TEXT)?;
         too_long("os_info.kernel", &os.kernel, MAX_TEXT)?;
         too_long("os_info.architecture", &os.architecture, MAX_TEXT)?;
     }
-    if let Some(metrics) = &report.metrics {
+    if let Some(metrics) = &wire.metrics {
         if metrics.len() > MAX_METRICS {
             return Err(PayloadError::OverLimit(format!(
                 "metrics has {} entries, over the limit of {MAX_METRICS}",
                 metrics.len()
             )));
         }
-        if let Some(name) = metrics.keys().find(|name| name.len() > MAX_TEXT) {
+        if let Some(name) = metrics.keys().find(|name| name.chars().count() > MAX_TEXT) {
             return Err(PayloadError::OverLimit(format!(
-                "metric name of {} bytes is over the {MAX_TEXT}-byte limit",
-                name.len()
+                "metric name of {} characters is over the {MAX_TEXT}-character limit",
+                name.chars().count()
             )));
         }
     }
@@ -220,34 +225,122 @@ fn nesting_exceeds(json: &[u8], limit: usize) -> bool {
     false
 }
 
-/// The payload as it arrives; unknown fields are ignored.
-#[derive(Deserialize)]
-struct Wire {
+/// The payload as it arrives; unknown fields are ignored. Its schema is the
+/// documented heartbeat body (`HeartbeatPayload` in the OpenAPI document), limits
+/// included.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = HeartbeatPayload)]
+pub(crate) struct Wire {
+    /// The device's clock, RFC 3339.
     #[serde(default, deserialize_with = "device_time")]
+    #[schema(value_type = Option<String>, format = DateTime, pattern = r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")]
     timestamp: Option<Timestamp>,
+    /// `error` puts the device in status error; the default is ok.
     #[serde(default)]
     status: Option<Health>,
+    /// What is wrong; kept only with `"status":"error"`.
     #[serde(default)]
+    #[schema(max_length = 1024)]
     error: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(maximum = 9_223_372_036_854_775_807_u64)]
     uptime_seconds: Option<u64>,
-    #[serde(default)]
+    /// Bytes.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(maximum = 9_223_372_036_854_775_807_u64)]
     free_memory: Option<u64>,
     #[serde(default)]
+    #[schema(max_length = 256)]
     firmware_version: Option<String>,
     #[serde(default)]
+    #[schema(max_length = 256)]
     hostname: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object_or_null")]
     os_info: Option<OsInfo>,
+    /// Latest values by name (names up to 256 characters), replaced as a whole.
     #[serde(default)]
+    #[schema(schema_with = metrics_schema)]
     metrics: Option<BTreeMap<String, f64>>,
 }
 
-#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+/// `metrics` as documented: numbers by name, at most [`MAX_METRICS`] of them, names
+/// up to [`MAX_TEXT`] characters; or null.
+fn metrics_schema() -> utoipa::openapi::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Object, Type::Null]))
+        .additional_properties(Some(ObjectBuilder::new().schema_type(Type::Number)))
+        .property_names(Some(ObjectBuilder::new().max_length(Some(MAX_TEXT))))
+        .max_properties(Some(MAX_METRICS))
+        .build()
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 enum Health {
     Ok,
     Error,
+}
+
+/// A struct from a JSON object only: serde's derived code would also read one from an
+/// array (`[null, null]`), which the documented schema does not allow.
+fn object_or_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    use serde::de::{MapAccess, Visitor, value::MapAccessDeserializer};
+
+    struct ObjectOrNull<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectOrNull<T> {
+        type Value = Option<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object or null")
+        }
+
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_map(self)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            T::deserialize(MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+
+    d.deserialize_option(ObjectOrNull(std::marker::PhantomData))
+}
+
+/// A count: a JSON integer from 0 to `i64::MAX` (what the database holds), written
+/// either way JSON allows (`86400` or `86400.0`, as some firmware's JSON libraries
+/// print whole numbers).
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let Some(number) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let value = match (number.as_u64(), number.as_f64()) {
+        (Some(n), _) => Some(n),
+        (None, Some(f)) if f >= 0.0 && f.fract() == 0.0 && f < 9.223_372_036_854_776e18 => {
+            Some(f as u64)
+        }
+        _ => None,
+    };
+    match value {
+        Some(n) if i64::try_from(n).is_ok() => Ok(Some(n)),
+        _ => Err(serde::de::Error::custom(format!(
+            "{number} is not a whole number from 0 to {}",
+            i64::MAX
+        ))),
+    }
 }
 
 fn device_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {
@@ -408,6 +501,41 @@ mod tests {
         let within: Vec<String> = (0..MAX_METRICS).map(|i| format!("\"m{i}\":1")).collect();
         let hb = parse_ok(&format!("{{\"metrics\":{{{}}}}}", within.join(",")));
         assert_eq!(hb.report.metrics.map(|m| m.len()), Some(MAX_METRICS));
+    }
+
+    #[test]
+    fn counts_are_whole_numbers_within_what_the_database_holds() {
+        let hb = parse_ok(r#"{"uptime_seconds":86400.0,"free_memory":5}"#);
+        assert_eq!(
+            (hb.report.uptime_seconds, hb.report.free_memory),
+            (Some(86400), Some(5))
+        );
+        for bad in [
+            r#"{"os_info":[null,null]}"#,
+            r#"{"os_info":"debian"}"#,
+            r#"{"uptime_seconds":1.5}"#,
+            r#"{"uptime_seconds":-1}"#,
+            r#"{"free_memory":9223372036854775808}"#,
+            r#"{"free_memory":"5"}"#,
+        ] {
+            assert_eq!(reason(bad.as_bytes()), RejectReason::InvalidField, "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_over_long_error_text_is_refused_even_when_it_would_be_dropped() {
+        let long = "e".repeat(MAX_ERROR_TEXT + 1);
+        assert_eq!(
+            reason(format!("{{\"status\":\"ok\",\"error\":\"{long}\"}}").as_bytes()),
+            RejectReason::InvalidField
+        );
+        // Characters, not bytes: 256 two-byte characters are within the limit.
+        let accented = "é".repeat(MAX_TEXT);
+        let hb = parse_ok(&format!("{{\"hostname\":\"{accented}\"}}"));
+        assert_eq!(
+            hb.report.hostname.map(|h| h.chars().count()),
+            Some(MAX_TEXT)
+        );
     }
 
     #[test]

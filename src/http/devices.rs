@@ -41,8 +41,10 @@ fn next_page<T, C>(rows: &mut Vec<T>, limit: u32, cursor: impl FnOnce(&T) -> C) 
 
 fn limit(requested: Option<u32>) -> Result<u32, ApiError> {
     match requested.unwrap_or(DEFAULT_LIMIT) {
-        0 => Err(ApiError::BadRequest("limit must be at least 1".into())),
-        n => Ok(n.min(MAX_LIMIT)),
+        n @ 1..=MAX_LIMIT => Ok(n),
+        n => Err(ApiError::BadRequest(format!(
+            "limit {n} is out of range (1 to {MAX_LIMIT})"
+        ))),
     }
 }
 
@@ -53,9 +55,11 @@ pub struct ListParams {
     status: Option<Status>,
     /// Only devices whose id starts with this (case-sensitive).
     prefix: Option<String>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page (a device id).
+    #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length = 128)]
     cursor: Option<String>,
     /// Devices per page (1 to 1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
@@ -108,7 +112,7 @@ pub async fn list(
 
 /// One device.
 #[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices",
-    params(("id" = String, Path, description = "Device id")),
+    params(("id" = String, Path, description = "Device id", pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length = 128)),
     security(("api_key" = [])),
     responses(
         (status = 200, description = "The device", body = Device),
@@ -133,7 +137,12 @@ pub async fn get(
 /// A device an operator expects.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct Registration {
-    #[schema(example = "pump-7")]
+    /// Letters, digits and `_ . : -`, starting with a letter or digit.
+    #[schema(
+        example = "pump-7",
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$",
+        max_length = 128
+    )]
     device_id: String,
 }
 
@@ -174,7 +183,7 @@ pub async fn register(
 
 /// Forget a device and its history; its retained status is cleared.
 #[utoipa::path(delete, path = "/api/v1/devices/{id}", tag = "devices",
-    params(("id" = String, Path, description = "Device id")),
+    params(("id" = String, Path, description = "Device id", pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length = 128)),
     security(("api_key" = [])),
     responses(
         (status = 204, description = "Deleted"),
@@ -199,6 +208,7 @@ pub struct HistoryParams {
     /// `next_cursor` of the previous page.
     cursor: Option<i64>,
     /// Events per page (1 to 1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
@@ -213,7 +223,7 @@ pub struct EventList {
 
 /// A device's transition history, newest first.
 #[utoipa::path(get, path = "/api/v1/devices/{id}/events", tag = "devices",
-    params(("id" = String, Path, description = "Device id"), HistoryParams),
+    params(("id" = String, Path, description = "Device id", pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length = 128), HistoryParams),
     security(("api_key" = [])),
     responses(
         (status = 200, description = "A page of events", body = EventList),
@@ -281,8 +291,8 @@ pub struct HeartbeatAck {
 
 /// A heartbeat over HTTP: the MQTT payload, the same handling, the same events.
 #[utoipa::path(post, path = "/api/v1/devices/{id}/heartbeat", tag = "devices",
-    params(("id" = String, Path, description = "Device id")),
-    request_body(content = crate::heartbeat::Report, description = "The heartbeat payload of the MQTT interface (all fields optional; an empty body is a bare heartbeat)", content_type = "application/json"),
+    params(("id" = String, Path, description = "Device id", pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length = 128)),
+    request_body(content = crate::heartbeat::HeartbeatPayload, description = "The heartbeat payload of the MQTT interface (all fields optional, unknown ones ignored, at most 8 levels deep; an empty body is a bare heartbeat)", content_type = "application/json"),
     security(("api_key" = [])),
     responses(
         (status = 200, description = "Committed", body = HeartbeatAck),

@@ -141,6 +141,8 @@ pub fn router(state: HttpState, limits: RequestLimits) -> Router {
         .merge(public)
         .merge(probes)
         .split_for_parts();
+    let mut doc = doc;
+    optional_heartbeat_body(&mut doc);
     // Rendered once: the document is fixed for the life of the process.
     let doc = OpenApiJson(Bytes::from(
         serde_json::to_vec(&doc).expect("the OpenAPI document serialises"),
@@ -158,6 +160,22 @@ pub fn router(state: HttpState, limits: RequestLimits) -> Router {
             StatusInRangeAsFailures::new(500..=502).into_make_classifier(),
         ))
         .with_state(state)
+}
+
+/// An HTTP heartbeat's body is an object or nothing at all (a bare heartbeat), but
+/// never JSON `null`; utoipa can only say "not required" by making the schema
+/// nullable, so the flag is set here.
+fn optional_heartbeat_body(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::Required;
+    let body = doc
+        .paths
+        .paths
+        .get_mut("/api/v1/devices/{id}/heartbeat")
+        .and_then(|item| item.post.as_mut())
+        .and_then(|operation| operation.request_body.as_mut());
+    if let Some(body) = body {
+        body.required = Some(Required::False);
+    }
 }
 
 /// The OpenAPI document as served.
