@@ -89,8 +89,7 @@ impl Application {
         );
         report_budget(&files);
         let store = storage::connect(&settings.database.url).await?;
-        let http = TcpListener::bind(settings.http.listen)
-            .await
+        let http = http::bind(settings.http.listen)
             .map_err(|e| StartError::Http(settings.http.listen, e))?;
         let max_payload = settings.heartbeat.max_payload;
         let (broker, host, port, credentials) = match settings.mqtt.broker {

@@ -35,7 +35,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use error::{ApiError, ErrorBody};
-pub use server::{ConnectionLimits, serve};
+pub use server::{ConnectionLimits, bind, serve};
 
 use crate::alerts::AlertChannel;
 use crate::clock::Clock;

@@ -18,14 +18,32 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+/// Connections the kernel completes and queues for us while every permit is taken.
+/// The standard library's (and mio's) 128 overflows under a burst, and a client whose
+/// handshake overflows waits for SYN retransmits (1 s, 3 s, 7 s, 15 s) instead of its
+/// turn in the queue.
+const BACKLOG: u32 = 1024;
 /// After the stop: how long requests in flight may take to finish.
 const DRAIN: Duration = Duration::from_secs(5);
 /// After a failed accept (out of file descriptors, say), before trying again.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// Binds `addr` for [`serve`], with a listen backlog of [`BACKLOG`].
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
 
 /// What the server lets clients hold.
 #[derive(Debug, Clone, Copy)]

@@ -56,5 +56,5 @@ curl -sf "${auth[@]}" -d '{"status":"error","error":"fan"}' "$base/api/v1/device
 
 # Run from the scratch directory: schemathesis keeps .hypothesis/ in the current one.
 cd "$work"
-API_KEY="$key" "$venv/bin/schemathesis" --config-file "$here/schemathesis.toml" \
+API_KEY="$key" "$venv/bin/schemathesis" --config-file "${FLEETWATCH_SCHEMATHESIS_CONFIG:-$here/schemathesis.toml}" \
   run "$base/api/v1/openapi.json" --no-color
