@@ -186,7 +186,7 @@ impl Application {
         let ingest_stop = CancellationToken::new();
         let publish_stop = CancellationToken::new();
         let (listening_tx, listening) = self.listening;
-        let queue_for_http = queue.clone();
+        let queue_for_http = queue.downgrade();
 
         let handler = HeartbeatHandler::new(
             Arc::clone(&self.store),
@@ -197,6 +197,7 @@ impl Application {
                 flush_interval: hb.flush_interval,
                 max_batch: hb.max_batch,
                 max_uncommitted: hb.max_uncommitted,
+                max_uncommitted_bytes: hb.max_uncommitted_bytes,
             },
             self.settings.devices.policy(),
         );

@@ -158,6 +158,9 @@ pub struct HeartbeatSettings {
     /// Distinct devices whose heartbeats the hub holds while commits fail; past this
     /// it stops reading (the broker buffers; HTTP heartbeats get 503).
     pub max_uncommitted: usize,
+    /// About how much memory those held heartbeats may take, in bytes (fields of
+    /// 64 metrics with long names make one device's report tens of kilobytes).
+    pub max_uncommitted_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -246,6 +249,7 @@ impl Default for Settings {
                 max_batch: 20_000,
                 max_payload: DEFAULT_MAX_PAYLOAD,
                 max_uncommitted: 200_000,
+                max_uncommitted_bytes: 256 * 1024 * 1024,
             },
             http: HttpSettings {
                 listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
@@ -390,6 +394,11 @@ impl Settings {
             ("heartbeat.max_batch", hb.max_batch, 1_000_000),
             ("heartbeat.max_payload", hb.max_payload, 16 * 1024 * 1024),
             ("heartbeat.max_uncommitted", hb.max_uncommitted, 100_000_000),
+            (
+                "heartbeat.max_uncommitted_bytes",
+                hb.max_uncommitted_bytes,
+                64 * 1024 * 1024 * 1024,
+            ),
             ("http.max_connections", self.http.max_connections, 1_000_000),
             ("http.max_requests", self.http.max_requests, 1_000_000),
         ] {
@@ -399,6 +408,15 @@ impl Settings {
                     format!("{value} is out of range (1 to {max})"),
                 ));
             }
+        }
+        if hb.max_uncommitted < hb.max_batch {
+            return Err(ConfigError::key(
+                "heartbeat.max_uncommitted",
+                format!(
+                    "{} is below heartbeat.max_batch ({}): the hub could not hold one batch",
+                    hb.max_uncommitted, hb.max_batch
+                ),
+            ));
         }
         let rate = self.devices.registration_rate;
         if !rate.is_finite() || rate < 0.0 {
@@ -631,6 +649,8 @@ mod tests {
             ("FLEETWATCH_HTTP__HEADER_TIMEOUT", "2s"),
             ("FLEETWATCH_HTTP__REQUEST_TIMEOUT", "3s"),
             ("FLEETWATCH_HEARTBEAT__MAX_UNCOMMITTED", "1000"),
+            ("FLEETWATCH_HEARTBEAT__MAX_BATCH", "500"),
+            ("FLEETWATCH_HEARTBEAT__MAX_UNCOMMITTED_BYTES", "1000000"),
             ("FLEETWATCH_HEALTH__COMMIT_LAG", "4s"),
             ("FLEETWATCH_HEALTH__PUBLISH_LAG", "1m"),
             ("FLEETWATCH_DEVICES__AUTO_REGISTER", "false"),
@@ -655,6 +675,7 @@ mod tests {
             (Duration::from_secs(2), Duration::from_secs(3))
         );
         assert_eq!(settings.heartbeat.max_uncommitted, 1000);
+        assert_eq!(settings.heartbeat.max_uncommitted_bytes, 1_000_000);
         assert_eq!(
             (settings.health.commit_lag, settings.health.publish_lag),
             (Duration::from_secs(4), Duration::from_secs(60))

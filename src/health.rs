@@ -40,8 +40,10 @@ pub struct Thresholds {
 
 pub struct Health {
     thresholds: Thresholds,
-    /// The error of the latest failed write, until a write succeeds.
-    write_failure: Mutex<Option<String>>,
+    /// Per continuous writer, the error of its latest write if that failed. Kept per
+    /// writer: during a full disk one kind of write can fit in a page already there
+    /// while another fails, and one success must not hide the other's failure.
+    write_failure: Mutex<[Option<String>; Writer::COUNT]>,
     write_failures: AtomicU64,
     /// Since when the handler has held a heartbeat it has not committed.
     uncommitted_since: Mutex<Option<Instant>>,
@@ -64,7 +66,7 @@ impl Health {
     ) -> Self {
         Self {
             thresholds,
-            write_failure: Mutex::new(None),
+            write_failure: Mutex::new(Default::default()),
             write_failures: AtomicU64::new(0),
             uncommitted_since: Mutex::new(None),
             uncommitted_devices: AtomicU64::new(0),
@@ -76,19 +78,22 @@ impl Health {
         }
     }
 
-    fn write_succeeded(&self) {
-        if let Ok(mut failure) = self.write_failure.lock()
-            && failure.is_some()
-        {
-            *failure = None;
+    fn write_succeeded(&self, writer: Writer) {
+        if let Ok(mut failures) = self.write_failure.lock() {
+            failures[writer as usize] = None;
         }
     }
 
-    fn write_failed(&self, error: &StoreError) {
+    fn write_failed(&self, writer: Writer, error: &StoreError) {
         self.write_failures.fetch_add(1, Relaxed);
-        if let Ok(mut failure) = self.write_failure.lock() {
-            *failure = Some(error.to_string());
+        if let Ok(mut failures) = self.write_failure.lock() {
+            failures[writer as usize] = Some(error.to_string());
         }
+    }
+
+    fn failing_write(&self) -> Option<String> {
+        let failures = self.write_failure.lock().ok()?;
+        failures.iter().flatten().next().cloned()
     }
 
     /// The heartbeat handler holds `devices` devices' heartbeats uncommitted, the
@@ -126,7 +131,7 @@ impl Health {
     /// Whether writes are being committed: none failed since the last success, and no
     /// heartbeat has waited longer than the threshold.
     pub fn writes(&self) -> Result<(), String> {
-        if let Some(error) = self.write_failure.lock().ok().and_then(|f| f.clone()) {
+        if let Some(error) = self.failing_write() {
             return Err(format!("writes are failing: {error}"));
         }
         match self.uncommitted_age() {
@@ -198,12 +203,7 @@ impl Health {
             out,
             "fleetwatch_database_write_failing",
             "1 while the latest database write failed, 0 once one succeeds.",
-            f64::from(u8::from(
-                self.write_failure
-                    .lock()
-                    .map(|f| f.is_some())
-                    .unwrap_or(false),
-            )),
+            f64::from(u8::from(self.failing_write().is_some())),
         );
         let _ = writeln!(
             out,
@@ -251,7 +251,19 @@ impl Outage {
     }
 }
 
-/// A store that reports the outcome of every write to [`Health`]. Reads are not
+/// The hub's continuous writers, each with its own failure state.
+#[derive(Debug, Clone, Copy)]
+enum Writer {
+    Heartbeats,
+    OfflineCheck,
+    Publisher,
+}
+
+impl Writer {
+    const COUNT: usize = 3;
+}
+
+/// A store that reports the outcome of the continuous writes to [`Health`]. Reads are not
 /// recorded: `/healthz` pings the database for those.
 pub struct RecordWrites {
     inner: Arc<dyn Store>,
@@ -263,12 +275,15 @@ impl RecordWrites {
         Self { inner, health }
     }
 
-    fn record<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+    /// Records the outcome of one of the writes the hub makes all the time. A refusal
+    /// (not found, exists) says nothing either way. The operators' occasional writes
+    /// (register, delete) are not recorded: their caller hears the error, and a
+    /// failure that no later call clears would stick.
+    fn record<T>(&self, writer: Writer, result: Result<T, StoreError>) -> Result<T, StoreError> {
         match &result {
-            Ok(_) => self.health.write_succeeded(),
-            Err(e) if e.is_fault() => self.health.write_failed(e),
-            // Refusals (not found, exists) are the database working.
-            Err(_) => self.health.write_succeeded(),
+            Ok(_) => self.health.write_succeeded(writer),
+            Err(e) if e.is_fault() => self.health.write_failed(writer, e),
+            Err(_) => {}
         }
         result
     }
@@ -281,7 +296,7 @@ impl Store for RecordWrites {
         updates: &[DeviceUpdate],
         new: NewDevices,
     ) -> Result<Applied, StoreError> {
-        self.record(self.inner.apply(updates, new).await)
+        self.record(Writer::Heartbeats, self.inner.apply(updates, new).await)
     }
 
     async fn mark_offline(
@@ -289,7 +304,10 @@ impl Store for RecordWrites {
         cutoff: Timestamp,
         now: Timestamp,
     ) -> Result<Vec<StatusEvent>, StoreError> {
-        self.record(self.inner.mark_offline(cutoff, now).await)
+        self.record(
+            Writer::OfflineCheck,
+            self.inner.mark_offline(cutoff, now).await,
+        )
     }
 
     async fn register(
@@ -298,7 +316,7 @@ impl Store for RecordWrites {
         now: Timestamp,
         max_devices: Option<u64>,
     ) -> Result<StatusEvent, StoreError> {
-        self.record(self.inner.register(id, now, max_devices).await)
+        self.inner.register(id, now, max_devices).await
     }
 
     async fn unpublished(&self, after_seq: i64, limit: u32) -> Result<Vec<OutboxItem>, StoreError> {
@@ -306,7 +324,7 @@ impl Store for RecordWrites {
     }
 
     async fn mark_published(&self, seqs: &[i64], at: Timestamp) -> Result<(), StoreError> {
-        self.record(self.inner.mark_published(seqs, at).await)
+        self.record(Writer::Publisher, self.inner.mark_published(seqs, at).await)
     }
 
     async fn current_events(
@@ -339,7 +357,7 @@ impl Store for RecordWrites {
     }
 
     async fn delete(&self, id: &DeviceId, now: Timestamp) -> Result<(), StoreError> {
-        self.record(self.inner.delete(id, now).await)
+        self.inner.delete(id, now).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -374,6 +392,12 @@ mod tests {
         assert!(error.contains("disk full"), "{error}");
         // A read works on a full disk; it proves nothing about writes.
         store.summary().await.expect("read");
+        assert!(health.writes().is_err());
+        // Another writer's success does not hide it.
+        store
+            .mark_published(&[1], Timestamp::from_unix_millis(1))
+            .await
+            .expect("write");
         assert!(health.writes().is_err());
         fake.fail(None);
         store

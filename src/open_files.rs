@@ -78,10 +78,20 @@ pub fn describe_usage() -> String {
 /// True when the process is within a few descriptors of its limit: the likely cause
 /// of any failure to open a connection or a file.
 pub fn nearly_exhausted() -> bool {
-    let Some(limit) = getrlimit(Resource::Nofile).current else {
-        return false;
-    };
-    in_use().is_some_and(|used| used as u64 + 16 >= limit)
+    let listing = std::fs::read_dir("/proc/self/fd").map(|dir| dir.count());
+    exhausted(listing, getrlimit(Resource::Nofile).current)
+}
+
+/// [`nearly_exhausted`] on a listing of `/proc/self/fd`: when there is no descriptor
+/// left, opening that listing fails too, and that failure is the answer.
+fn exhausted(listing: std::io::Result<usize>, limit: Option<u64>) -> bool {
+    const EMFILE: i32 = 24;
+    const ENFILE: i32 = 23;
+    match (listing, limit) {
+        (Err(e), _) => matches!(e.raw_os_error(), Some(EMFILE | ENFILE)),
+        (Ok(used), Some(limit)) => used as u64 + 16 >= limit,
+        (Ok(_), None) => false,
+    }
 }
 
 #[cfg(test)]
@@ -109,6 +119,16 @@ mod tests {
     #[test]
     fn a_tiny_limit_still_serves_one_connection() {
         assert_eq!(budget(10, 1024, true).http_connections, 1);
+    }
+
+    #[test]
+    fn no_descriptor_left_to_look_is_exhaustion() {
+        let emfile = std::io::Error::from_raw_os_error(24);
+        assert!(exhausted(Err(emfile), Some(1024)));
+        let other = std::io::Error::from_raw_os_error(2);
+        assert!(!exhausted(Err(other), Some(1024)));
+        assert!(exhausted(Ok(1010), Some(1024)));
+        assert!(!exhausted(Ok(500), Some(1024)));
     }
 
     #[test]

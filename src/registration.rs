@@ -9,6 +9,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use crate::clock::Timestamp;
@@ -138,6 +140,18 @@ impl RateLimit {
         self.tokens.floor() as u64
     }
 
+    /// How long until the next registration is allowed (zero if one is now).
+    pub fn next_in(&mut self) -> Duration {
+        let Some(rate) = self.rate else {
+            return Duration::ZERO;
+        };
+        let missing = (1.0 - self.tokens).max(0.0);
+        if self.available() > 0 || rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((missing / rate).min(86_400.0))
+    }
+
     /// `n` registrations were made.
     pub fn spend(&mut self, n: u64) {
         if self.rate.is_some() {
@@ -148,8 +162,6 @@ impl RateLimit {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn candidates(n: usize) -> Vec<(DeviceId, Timestamp)> {
@@ -223,8 +235,11 @@ mod tests {
         assert_eq!(bucket.available(), 0);
         tokio::time::advance(Duration::from_millis(500)).await;
         assert_eq!(bucket.available(), 5);
+        bucket.spend(5);
+        assert_eq!(bucket.next_in(), Duration::from_millis(100));
         tokio::time::advance(Duration::from_secs(60)).await;
         assert_eq!(bucket.available(), 50, "never more than the burst");
+        assert_eq!(bucket.next_in(), Duration::ZERO);
         let mut unlimited = RateLimit::new(None, 1);
         unlimited.spend(1_000);
         assert_eq!(unlimited.available(), u64::MAX);

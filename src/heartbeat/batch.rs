@@ -44,6 +44,21 @@ pub struct Step {
 }
 
 impl DeviceUpdate {
+    /// About how much memory this update holds: enough to bound what a failing
+    /// database makes the hub keep, not an exact count.
+    pub fn approx_bytes(&self) -> usize {
+        const OVERHEAD: usize = 160;
+        OVERHEAD
+            + self.device.as_str().len()
+            + self.steps.len() * std::mem::size_of::<Step>()
+            + self
+                .error
+                .as_ref()
+                .and_then(|e| e.as_ref())
+                .map_or(0, String::len)
+            + self.report.approx_bytes()
+    }
+
     fn new(device: DeviceId) -> Self {
         Self {
             device,
@@ -108,23 +123,34 @@ pub struct Batch {
     updates: HashMap<DeviceId, DeviceUpdate>,
     /// Messages folded in since the last `take`.
     messages: usize,
+    /// The updates' [`DeviceUpdate::approx_bytes`], summed.
+    bytes: usize,
 }
 
 impl Batch {
     pub fn add_heartbeat(&mut self, device: DeviceId, at: Timestamp, heartbeat: Heartbeat) {
-        self.entry(device).add_heartbeat(at, heartbeat);
-        self.messages += 1;
+        self.change(device, |update| update.add_heartbeat(at, heartbeat));
     }
 
     pub fn add_connection_lost(&mut self, device: DeviceId, at: Timestamp) {
-        self.entry(device).push(Signal::ConnectionLost, at);
+        self.change(device, |update| update.push(Signal::ConnectionLost, at));
+    }
+
+    /// Folds one message into `device`'s update, keeping `bytes` current.
+    fn change(&mut self, device: DeviceId, fold: impl FnOnce(&mut DeviceUpdate)) {
+        let update = self
+            .updates
+            .entry(device)
+            .or_insert_with_key(|device| DeviceUpdate::new(device.clone()));
+        let before = update.approx_bytes();
+        fold(update);
+        self.bytes = (self.bytes + update.approx_bytes()).saturating_sub(before);
         self.messages += 1;
     }
 
-    fn entry(&mut self, device: DeviceId) -> &mut DeviceUpdate {
-        self.updates
-            .entry(device)
-            .or_insert_with_key(|device| DeviceUpdate::new(device.clone()))
+    /// About how much memory the pending updates hold.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Distinct devices pending.
@@ -144,6 +170,7 @@ impl Batch {
     /// Empties the batch.
     pub fn take(&mut self) -> Vec<DeviceUpdate> {
         self.messages = 0;
+        self.bytes = 0;
         self.updates.drain().map(|(_, update)| update).collect()
     }
 
@@ -151,15 +178,15 @@ impl Batch {
     /// heartbeat is lost to a database error.
     pub fn restore(&mut self, failed: Vec<DeviceUpdate>) {
         for old in failed {
-            match self.updates.remove(&old.device) {
-                None => {
-                    self.updates.insert(old.device.clone(), old);
-                }
+            let restored = match self.updates.remove(&old.device) {
+                None => old,
                 Some(newer) => {
-                    let merged = merge(old, newer);
-                    self.updates.insert(merged.device.clone(), merged);
+                    self.bytes = self.bytes.saturating_sub(newer.approx_bytes());
+                    merge(old, newer)
                 }
-            }
+            };
+            self.bytes += restored.approx_bytes();
+            self.updates.insert(restored.device.clone(), restored);
         }
     }
 }

@@ -96,6 +96,8 @@ pub struct Limits {
     pub max_batch: usize,
     /// Distinct devices held while commits fail before the handler stops taking more.
     pub max_uncommitted: usize,
+    /// The same bound in (approximate) bytes.
+    pub max_uncommitted_bytes: usize,
 }
 
 /// Commits are failing: when to try again and what to tell.
@@ -153,12 +155,13 @@ impl HeartbeatHandler {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut chunk = Vec::with_capacity(RECV_CHUNK);
         loop {
-            // Holding as much as allowed (checked per chunk taken, so the bound is
-            // `max_uncommitted` plus at most one chunk): take nothing more until a
-            // commit succeeds.
-            // The queue fills, the subscriber stalls (the checker's grace restarts),
-            // and HTTP heartbeats time out with 503.
-            let full = self.batch.len() >= self.limits.max_uncommitted;
+            // While commits fail, holding as much as allowed (checked per chunk taken,
+            // so the bound is the limit plus at most one chunk): take nothing more
+            // until a commit succeeds. The queue fills, the subscriber stalls (the
+            // checker's grace restarts), and HTTP heartbeats time out with 503.
+            let full = self.failing.is_some()
+                && (self.batch.len() >= self.limits.max_uncommitted
+                    || self.batch.bytes() >= self.limits.max_uncommitted_bytes);
             tokio::select! {
                 received = queue.recv_many(&mut chunk, RECV_CHUNK), if !full => {
                     if received == 0 {
@@ -238,6 +241,12 @@ impl HeartbeatHandler {
     }
 
     async fn flush(&mut self) -> Result<(), FlushError> {
+        self.flush_until(None).await
+    }
+
+    /// Commits the batch; an attempt still running at `deadline` is abandoned (its
+    /// transaction rolled back) and the batch kept, as after any failure.
+    async fn flush_until(&mut self, deadline: Option<Instant>) -> Result<(), FlushError> {
         if self.batch.is_empty() {
             return Ok(());
         }
@@ -249,7 +258,14 @@ impl HeartbeatHandler {
             allowed: self.new_devices.available(),
             max_devices: self.registration.max_devices,
         };
-        let result = self.store.apply(&updates, new).await;
+        let apply = self.store.apply(&updates, new);
+        let result = match deadline {
+            None => apply.await.map_err(|e| e.to_string()),
+            Some(deadline) => match time::timeout_at(deadline, apply).await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(_) => Err("no commit before the shutdown deadline".to_string()),
+            },
+        };
         let outcome = match result {
             Ok(Applied { events, refused }) => {
                 self.held_since = None;
@@ -278,7 +294,10 @@ impl HeartbeatHandler {
                 }
                 for (device, receipt) in self.receipts.drain(..) {
                     let outcome = match refused.get(&device) {
-                        Some(refusal) => Outcome::Refused(*refusal),
+                        Some(refusal) => Outcome::Refused(
+                            *refusal,
+                            (*refusal == Refusal::RateLimited).then(|| self.new_devices.next_in()),
+                        ),
                         None => Outcome::Committed {
                             registered: registered.contains(&device),
                         },
@@ -287,10 +306,9 @@ impl HeartbeatHandler {
                 }
                 Ok(())
             }
-            Err(e) => {
+            Err(error) => {
                 self.metrics.flush_errors.fetch_add(1, Relaxed);
                 self.batch.restore(updates);
-                let error = e.to_string();
                 self.failed(&error);
                 // The heartbeats stay held and will be committed, but their senders
                 // should not wait for that: they hear now that it has not happened.
@@ -352,12 +370,13 @@ impl HeartbeatHandler {
         }
     }
 
-    /// Keeps trying to commit what is held for up to [`FINAL_FLUSH_WINDOW`].
+    /// Keeps trying to commit what is held for up to [`FINAL_FLUSH_WINDOW`], however
+    /// long one attempt would wait (a write lock held elsewhere waits 10 s).
     async fn final_flush(&mut self) -> Result<(), Unsaved> {
         let deadline = Instant::now() + FINAL_FLUSH_WINDOW;
         let mut delay = RETRY_FIRST;
         loop {
-            let error = match self.flush().await {
+            let error = match self.flush_until(Some(deadline)).await {
                 Ok(()) => return Ok(()),
                 Err(FlushError::Store(error)) => error,
                 Err(e) => e.to_string(),
@@ -392,7 +411,6 @@ mod tests {
 
     struct Harness {
         store: Arc<FakeStore>,
-        health: Arc<Health>,
         queue: mpsc::Sender<Inbound>,
         run: tokio::task::JoinHandle<Result<(), Unsaved>>,
     }
@@ -412,11 +430,12 @@ mod tests {
             store.clone(),
             AlertChannel::new(Arc::clone(&metrics)),
             metrics,
-            Arc::clone(&health),
+            health,
             Limits {
                 flush_interval: FLUSH,
                 max_batch: 1000,
                 max_uncommitted,
+                max_uncommitted_bytes: usize::MAX,
             },
             Policy {
                 auto_register: true,
@@ -427,12 +446,7 @@ mod tests {
         );
         let (queue, inbox) = mpsc::channel(capacity);
         let run = tokio::spawn(handler.run(inbox));
-        Harness {
-            store,
-            health,
-            queue,
-            run,
-        }
+        Harness { store, queue, run }
     }
 
     fn beat(device: &str) -> Inbound {
@@ -462,7 +476,6 @@ mod tests {
         h.queue.send(beat("a")).await.expect("queued");
         pass(FLUSH * 2).await;
         assert!(h.store.committed_devices().is_empty());
-        assert!(h.health.writes().is_ok(), "the fake store is not wrapped");
         h.queue.send(beat("b")).await.expect("queued");
         pass(Duration::from_secs(5)).await;
         let attempts = *h.store.attempts.lock().expect("lock");
@@ -548,6 +561,26 @@ mod tests {
                 devices: 2,
                 error: "stored data is corrupt: disk full".into()
             })
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_commit_that_hangs_at_shutdown_is_given_up_within_the_window() {
+        let h = harness(100, 100);
+        h.store.hanging.store(true, Relaxed);
+        for device in ["a", "b"] {
+            h.queue.send(beat(device)).await.expect("queued");
+        }
+        drop(h.queue);
+        let started = Instant::now();
+        let result = time::timeout(FINAL_FLUSH_WINDOW * 3, h.run)
+            .await
+            .expect("does not wait for the hanging commit")
+            .expect("join");
+        assert!(started.elapsed() <= FINAL_FLUSH_WINDOW + FLUSH * 2);
+        assert!(
+            matches!(result, Err(Unsaved { devices: 2, .. })),
+            "{result:?}"
         );
     }
 }

@@ -25,8 +25,9 @@ pub use reject::{RejectLog, RejectReason};
 pub enum Outcome {
     /// Committed; `registered`: it made the device known.
     Committed { registered: bool },
-    /// The device is unknown and the registration policy refused it.
-    Refused(Refusal),
+    /// The device is unknown and the registration policy refused it; for a rate
+    /// limit, when a registration will be allowed again.
+    Refused(Refusal, Option<std::time::Duration>),
 }
 
 /// Answers an HTTP heartbeat once its batch is committed (or failed).

@@ -49,6 +49,19 @@ pub struct Report {
 }
 
 impl Report {
+    /// About how much memory the report's text and metrics take.
+    pub fn approx_bytes(&self) -> usize {
+        let text = |t: &Option<String>| t.as_ref().map_or(0, String::len);
+        let os = self.os_info.as_ref().map_or(0, |os| {
+            text(&os.distribution) + text(&os.version) + text(&os.kernel) + text(&os.architecture)
+        });
+        let metrics = self
+            .metrics
+            .as_ref()
+            .map_or(0, |m| m.keys().map(|name| name.len() + 48).sum::<usize>());
+        text(&self.firmware_version) + text(&self.hostname) + os + metrics
+    }
+
     /// Overlays the fields `newer` carries onto `self`.
     pub fn merge(&mut self, newer: Report) {
         let Report {

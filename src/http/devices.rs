@@ -338,10 +338,12 @@ pub async fn heartbeat(
     // Both waits are bounded by `http.request_timeout` (a layer around every route):
     // for room in a full queue, and for the commit.
     let stopping = || ApiError::Unavailable("the hub is shutting down".into());
-    state.queue.send(message).await.map_err(|_| stopping())?;
+    let queue = state.queue.upgrade().ok_or_else(stopping)?;
+    queue.send(message).await.map_err(|_| stopping())?;
+    drop(queue);
     let registered = match committed.await {
         Ok(Ok(Outcome::Committed { registered })) => registered,
-        Ok(Ok(Outcome::Refused(refusal))) => return Err(refused(&id, refusal)),
+        Ok(Ok(Outcome::Refused(refusal, retry))) => return Err(refused(&id, refusal, retry)),
         Ok(Err(FlushError::Store(error))) => {
             return Err(ApiError::Unavailable(format!(
                 "the heartbeat is not committed yet ({error}); the hub holds it and retries"
@@ -357,7 +359,7 @@ pub async fn heartbeat(
 }
 
 /// The answer to a heartbeat from a device the registration policy would not register.
-fn refused(id: &DeviceId, refusal: Refusal) -> ApiError {
+fn refused(id: &DeviceId, refusal: Refusal, retry: Option<std::time::Duration>) -> ApiError {
     match refusal {
         Refusal::NotRegistered => ApiError::NotFound(format!(
             "device {id} is not registered and devices.auto_register is off; \
@@ -366,9 +368,12 @@ fn refused(id: &DeviceId, refusal: Refusal) -> ApiError {
         Refusal::DeviceLimit => ApiError::Forbidden(format!(
             "device {id} is new and the hub holds devices.max_devices devices"
         )),
-        Refusal::RateLimited => ApiError::TooManyRequests(format!(
-            "device {id} is new and too many devices registered just now \
-             (devices.registration_rate); send it again later"
-        )),
+        Refusal::RateLimited => ApiError::TooManyRequests {
+            message: format!(
+                "device {id} is new and too many devices registered just now \
+                 (devices.registration_rate); send it again after Retry-After seconds"
+            ),
+            retry_after: retry.map_or(1, |wait| wait.as_secs_f64().ceil().max(1.0) as u64),
+        },
     }
 }

@@ -51,8 +51,9 @@ pub struct HttpState {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub clock: Clock,
-    /// The heartbeat handler's queue, for HTTP heartbeats.
-    pub queue: mpsc::Sender<Inbound>,
+    /// The heartbeat handler's queue, for HTTP heartbeats. Weak: an open connection
+    /// must not keep the queue open once the hub is stopping.
+    pub queue: mpsc::WeakSender<Inbound>,
     pub alerts: AlertChannel,
     /// Accepted API keys; empty means no authentication (loopback only).
     pub keys: Arc<[Secret]>,

@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 /// Connections the kernel completes and queues for us while every permit is taken.
@@ -71,10 +72,15 @@ pub async fn serve(
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
     let mut accept_errors = AcceptErrors::default();
+    // Every connection's task, so the ones still open after the drain (a client that
+    // stopped reading a response blocks its connection for good) can be ended: each
+    // holds a clone of the router and with it the heartbeat queue.
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
             () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             permit = Arc::clone(&permits).acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => break,
@@ -95,7 +101,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
+        connections.spawn(async move {
             // A client that hangs up or times out is its own business.
             let _ = connection.await;
             drop(permit);
@@ -106,8 +112,12 @@ pub async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!("HTTP requests still in flight after {DRAIN:?}; closing them");
+        tracing::warn!(
+            connections = connections.len(),
+            "HTTP connections still open after {DRAIN:?}; closing them"
+        );
     }
+    connections.shutdown().await;
     Ok(())
 }
 

@@ -38,6 +38,15 @@ fn filters() -> [SubscribeFilter; 2] {
         .map(|filter| SubscribeFilter::new(filter.to_string(), QoS::AtLeastOnce))
 }
 
+/// What became of a message on its way to the handler.
+enum Handed {
+    Queued,
+    /// The handler is gone.
+    Closed,
+    /// Gave up waiting for room; the message is still ours.
+    Waiting(Inbound),
+}
+
 pub struct Subscriber {
     endpoint: Endpoint,
     clock: Clock,
@@ -72,6 +81,8 @@ impl Subscriber {
     /// Runs until `shutdown`; dropping the queue sender on return tells the handler
     /// that no more messages will come.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        // A message read but not yet queued when the shutdown came.
+        let mut held = None;
         let options = self.endpoint.options("ingest", INGEST_KEEP_ALIVE);
         let (client, mut eventloop) = AsyncClient::new(options, 16);
         let mut backoff = Backoff::new();
@@ -120,8 +131,15 @@ impl Subscriber {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if !self.receive(publish, shutdown.cancelled()).await {
-                        break;
+                    match self.receive(publish, shutdown.cancelled()).await {
+                        Handed::Queued => {}
+                        Handed::Closed => break,
+                        // Stopping with the queue full: this one is read and
+                        // acknowledged, so it gets the drain's wait below.
+                        Handed::Waiting(message) => {
+                            held = Some(message);
+                            break;
+                        }
                     }
                 }
                 Ok(_) => {}
@@ -149,15 +167,27 @@ impl Subscriber {
             .iter()
             .filter(|e| matches!(e, Event::Incoming(Packet::Publish(_))))
             .count();
-        for event in buffered {
-            if let Event::Incoming(Packet::Publish(publish)) = event {
-                if !self
-                    .receive(publish, tokio::time::sleep_until(deadline))
-                    .await
-                {
-                    break;
-                }
+        let mut handed = Handed::Queued;
+        if let Some(message) = held {
+            left += 1;
+            handed = self
+                .enqueue(message, tokio::time::sleep_until(deadline))
+                .await;
+            if matches!(handed, Handed::Queued) {
                 left -= 1;
+            }
+        }
+        for event in buffered {
+            if !matches!(handed, Handed::Queued) {
+                break;
+            }
+            if let Event::Incoming(Packet::Publish(publish)) = event {
+                handed = self
+                    .receive(publish, tokio::time::sleep_until(deadline))
+                    .await;
+                if matches!(handed, Handed::Queued) {
+                    left -= 1;
+                }
             }
         }
         if left > 0 {
@@ -172,36 +202,40 @@ impl Subscriber {
         let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
     }
 
-    /// Validates one message and queues it. False when the handler is gone, or when
-    /// `give_up` resolves while waiting for room in the queue.
-    async fn receive(&mut self, publish: Publish, give_up: impl Future<Output = ()>) -> bool {
+    /// Validates one message and queues it.
+    async fn receive(&mut self, publish: Publish, give_up: impl Future<Output = ()>) -> Handed {
         let at = self.clock.now();
         let Some(message) = self.validate(&publish, at) else {
-            return true;
+            return Handed::Queued;
         };
         match &message {
             Inbound::Heartbeat { .. } => self.metrics.heartbeats_received.fetch_add(1, Relaxed),
             _ => self.metrics.wills_received.fetch_add(1, Relaxed),
         };
+        self.enqueue(message, give_up).await
+    }
+
+    /// Hands a valid message to the handler, waiting for room until `give_up`.
+    async fn enqueue(&mut self, message: Inbound, give_up: impl Future<Output = ()>) -> Handed {
         // The queue usually has room: only a full one is waited on, and timed.
         let message = match self.queue.try_send(message) {
-            Ok(()) => return true,
-            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Ok(()) => return Handed::Queued,
+            Err(mpsc::error::TrySendError::Closed(_)) => return Handed::Closed,
             Err(mpsc::error::TrySendError::Full(message)) => message,
         };
         let waited = Instant::now();
+        // `reserve`, not `send`: giving up must leave the message in our hands.
         tokio::select! {
-            sent = self.queue.send(message) => {
-                if sent.is_err() {
-                    return false;
-                }
-            }
-            () = give_up => return false,
+            slot = self.queue.reserve() => match slot {
+                Ok(slot) => slot.send(message),
+                Err(_) => return Handed::Closed,
+            },
+            () = give_up => return Handed::Waiting(message),
         }
         if waited.elapsed() > STALL {
             self.stalled(waited.elapsed());
         }
-        true
+        Handed::Queued
     }
 
     /// The handler fell behind long enough that heartbeats waited unread: restart the

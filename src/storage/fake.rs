@@ -26,6 +26,8 @@ pub struct FakeStore {
     pub failing: Mutex<Option<String>>,
     /// Calls of `apply`, failed ones included.
     pub attempts: Mutex<u32>,
+    /// While set, `apply` never returns (a write lock held elsewhere, for ever).
+    pub hanging: std::sync::atomic::AtomicBool,
 }
 
 impl FakeStore {
@@ -49,6 +51,9 @@ impl FakeStore {
 impl Store for FakeStore {
     async fn apply(&self, updates: &[DeviceUpdate], _: NewDevices) -> Result<Applied, StoreError> {
         *self.attempts.lock().expect("lock") += 1;
+        if self.hanging.load(std::sync::atomic::Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
         if let Some(why) = self.failing.lock().expect("lock").clone() {
             return Err(StoreError::Corrupt(why));
         }

@@ -107,6 +107,18 @@ impl WriteTx {
         self.committed = true;
         Ok(())
     }
+
+    /// Ends a write that turned out to have nothing to do (a refusal), keeping the
+    /// connection if the rollback works.
+    async fn rollback(mut self) {
+        if sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *self.conn)
+            .await
+            .is_ok()
+        {
+            self.committed = true;
+        }
+    }
 }
 
 impl std::ops::Deref for WriteTx {
@@ -607,7 +619,7 @@ impl Store for SqliteStore {
                     .bind(id.as_str())
                     .fetch_optional(&mut *tx)
                     .await?;
-            tx.commit().await?;
+            tx.rollback().await;
             return Err(match exists {
                 Some(_) => StoreError::AlreadyExists(id.clone()),
                 None => StoreError::DeviceLimit(max),
@@ -624,6 +636,7 @@ impl Store for SqliteStore {
         .await?
         .rows_affected();
         if inserted == 0 {
+            tx.rollback().await;
             return Err(StoreError::AlreadyExists(id.clone()));
         }
         let event = StatusEvent::new(id.clone(), transition, None, now);
@@ -773,6 +786,7 @@ impl Store for SqliteStore {
                 .fetch_optional(&mut *tx)
                 .await?;
         let Some(status) = status else {
+            tx.rollback().await;
             return Err(StoreError::NotFound(id.clone()));
         };
         sqlx::query("DELETE FROM status_events WHERE device_id = ?1")

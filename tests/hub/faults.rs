@@ -141,6 +141,21 @@ async fn a_write_lock_held_for_30_s_delays_commits_and_loses_or_invents_nothing(
     })
     .await;
     wait_for_online(&http, 50).await;
+    // No device that kept beating had an offline transition at any time, and
+    // nothing went offline but the agent that fell silent.
+    for i in 0..50 {
+        let id = format!("locked-{i:02}");
+        let history = app
+            .store
+            .events(&id.parse().expect("id"), None, 100)
+            .await
+            .expect("read");
+        assert!(
+            history.iter().all(|e| e.event.status == Status::Online),
+            "{id}: {history:?}"
+        );
+    }
+    assert!(app.metrics.transitions(Status::Offline) <= 1);
     // The heartbeat answered 503 was held and committed once the lock was gone (and
     // as that agent said nothing since, it is offline by now, rightly).
     let agent = app.stored("agent-1").await.expect("agent-1 registered");
@@ -174,7 +189,11 @@ async fn slow_clients_under_a_1024_file_limit_are_cut_off_and_the_hub_keeps_serv
     use crate::restart::{HubProcess, hub_env};
 
     // This test holds 1,100 sockets itself.
-    fleetwatch::open_files::raise_limit();
+    let limit = fleetwatch::open_files::raise_limit();
+    assert!(
+        limit >= 1_300,
+        "this test needs an open-file hard limit of at least 1,300 (it is {limit}): ulimit -Hn"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let http_port = free_port();

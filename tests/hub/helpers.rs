@@ -386,6 +386,7 @@ impl StatusWatcher {
         .await;
     }
 
+    #[cfg_attr(not(feature = "mosquitto-tests"), allow(dead_code))]
     /// Waits until `count` different devices have had an event of `status`
     /// (re-deliveries of one device's event count once).
     pub async fn wait_for_devices(&mut self, status: Status, count: usize, limit: Duration) {

@@ -721,3 +721,38 @@ async fn requests_past_the_cap_or_the_timeout_are_answered_503_and_probes_still_
     assert_eq!(ok.status(), StatusCode::OK, "the slot is free again");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_responses_does_not_hold_up_shutdown() {
+    use tokio::io::AsyncWriteExt;
+
+    let app = spawn_app_with(Broker::Embedded, |s| {
+        s.devices.registration_rate = 0.0;
+    })
+    .await;
+    // A live stream whose reader never reads: once the socket buffers are full, the
+    // hub's write blocks, and its connection task with it.
+    let addr = app.http.trim_start_matches("http://").to_string();
+    let mut stuck = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    stuck
+        .write_all(b"GET /api/v1/stream HTTP/1.1\r\nHost: hub\r\n\r\n")
+        .await
+        .expect("request sent");
+    // Megabytes of status events for it.
+    let flooder = app.raw("stream-filler").await;
+    for i in 0..20_000 {
+        flooder
+            .publish(&format!("devices/filler-{i}/heartbeat"), b"{}".to_vec())
+            .await
+            .expect("publish");
+    }
+    eventually(PATIENCE, "20,000 devices registered", || async {
+        app.get_json("/api/v1/summary").await["total"] == 20_000
+    })
+    .await;
+    // Stops: the HTTP side drains for 5 s, then closes what is left.
+    within(Duration::from_secs(20), "the hub to stop", app.stop()).await;
+    drop(stuck);
+}

@@ -96,7 +96,16 @@ async fn new_devices_past_the_registration_rate_are_refused_and_told_when_to_ret
 
     let refused = heartbeat(&app, "latecomer").await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
-    assert!(refused.headers().contains_key("retry-after"));
+    let retry_after: u64 = refused
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After in seconds");
+    assert!(
+        (900..=1000).contains(&retry_after),
+        "one registration per 1,000 s: {retry_after}"
+    );
     // Devices already registered beat on.
     let known = heartbeat(&app, "burst-0").await;
     assert_eq!(known.status(), StatusCode::OK);
