@@ -14,6 +14,7 @@ use tokio::sync::{Notify, broadcast};
 use crate::device::DeviceId;
 use crate::event::StatusEvent;
 use crate::metrics::Metrics;
+use crate::notify::Sinks;
 
 /// Live updates kept for a slow viewer before it is told it missed some.
 const LIVE_BUFFER: usize = 4096;
@@ -30,6 +31,7 @@ pub struct AlertChannel {
     metrics: Arc<Metrics>,
     outbox_changed: Arc<Notify>,
     live: broadcast::Sender<LiveUpdate>,
+    sinks: Option<Arc<Sinks>>,
 }
 
 impl AlertChannel {
@@ -38,7 +40,14 @@ impl AlertChannel {
             metrics,
             outbox_changed: Arc::new(Notify::new()),
             live: broadcast::channel(LIVE_BUFFER).0,
+            sinks: None,
         }
+    }
+
+    /// Also wakes the notification sinks after each commit.
+    pub fn with_sinks(mut self, sinks: Arc<Sinks>) -> Self {
+        self.sinks = Some(sinks);
+        self
     }
 
     /// A stream of updates from now on.
@@ -77,6 +86,9 @@ impl AlertChannel {
         }
         if !events.is_empty() {
             self.outbox_changed.notify_one();
+            if let Some(sinks) = &self.sinks {
+                sinks.wake();
+            }
         }
     }
 }

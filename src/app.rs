@@ -37,6 +37,7 @@ use crate::mqtt::broker::{BrokerError, EmbeddedBroker};
 use crate::mqtt::publisher::{DRAIN_TIMEOUT, Publisher};
 use crate::mqtt::subscriber::Subscriber;
 use crate::mqtt::{Endpoint, broker_packet_limit};
+use crate::notify::{Pacing, Sinks};
 use crate::open_files::{self, Budget};
 use crate::storage::{self, Store, StoreError};
 
@@ -65,6 +66,7 @@ pub struct Application {
     settings: Settings,
     clock: Clock,
     store: Arc<dyn Store>,
+    sinks: Arc<Sinks>,
     metrics: Arc<Metrics>,
     endpoint: Endpoint,
     broker: Option<EmbeddedBroker>,
@@ -88,7 +90,19 @@ impl Application {
             settings.mqtt.broker == BrokerMode::Embedded,
         );
         report_budget(&files);
-        let store = storage::connect(&settings.database.url).await?;
+        let stores = storage::connect_all(&settings.database.url).await?;
+        let sinks = Sinks::new(
+            settings.sinks()?,
+            stores.clone(),
+            clock.clone(),
+            Pacing {
+                retry_max: settings.notify.retry_max,
+                timeout: settings.notify.timeout,
+                max_age: settings.notify.max_age,
+            },
+        )
+        .await?;
+        let store = stores.devices;
         let http = http::bind(settings.http.listen)
             .map_err(|e| StartError::Http(settings.http.listen, e))?;
         let max_payload = settings.heartbeat.max_payload;
@@ -139,6 +153,7 @@ impl Application {
             settings,
             clock,
             store,
+            sinks,
             metrics: Arc::new(Metrics::default()),
             endpoint,
             broker,
@@ -181,7 +196,8 @@ impl Application {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), RunError> {
         let hb = &self.settings.heartbeat;
-        let alerts = AlertChannel::new(Arc::clone(&self.metrics));
+        let alerts =
+            AlertChannel::new(Arc::clone(&self.metrics)).with_sinks(Arc::clone(&self.sinks));
         let (queue, inbox) = mpsc::channel(hb.queue_capacity);
         let ingest_stop = CancellationToken::new();
         let publish_stop = CancellationToken::new();
@@ -232,6 +248,7 @@ impl Application {
             self.clock.clone(),
         );
         let mut publisher_task = tokio::spawn(publisher.run(publish_stop.clone()));
+        let sinks_task = tokio::spawn(Arc::clone(&self.sinks).run(publish_stop.clone()));
 
         let keys = self.settings.http.keys();
         if keys.is_empty() {
@@ -249,6 +266,7 @@ impl Application {
                 max_payload: hb.max_payload,
                 max_devices: self.settings.devices.policy().max_devices,
                 health: Arc::clone(&self.health),
+                sinks: Arc::clone(&self.sinks),
                 closing: closing.clone(),
             },
             RequestLimits {
@@ -323,11 +341,17 @@ impl Application {
         };
         publish_stop.cancel();
         let publisher_deadline = DRAIN_TIMEOUT + Duration::from_secs(1);
-        if tokio::time::timeout(publisher_deadline, settle(publisher_task))
-            .await
-            .is_err()
-        {
+        // The publisher and the sinks stop together (the sinks' queues are durable:
+        // what they do not deliver now, they deliver at the next start).
+        let (publisher, sinks) = tokio::join!(
+            tokio::time::timeout(publisher_deadline, settle(publisher_task)),
+            tokio::time::timeout(publisher_deadline, settle(sinks_task)),
+        );
+        if publisher.is_err() {
             tracing::warn!("status publisher did not stop in time");
+        }
+        if sinks.is_err() {
+            tracing::warn!("notification sinks did not stop in time");
         }
         tracing::info!("fleetwatch stopped");
         match (failed, unsaved) {

@@ -15,6 +15,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::heartbeat::payload::DEFAULT_MAX_PAYLOAD;
+use crate::notify::SinkSpec;
+use crate::notify::filter::FilterSettings;
 use crate::registration::Policy;
 
 /// The file read when `--config` is not given, if it exists.
@@ -30,6 +32,77 @@ pub struct Settings {
     pub http: HttpSettings,
     pub health: HealthSettings,
     pub devices: DeviceSettings,
+    pub notify: NotifySettings,
+}
+
+/// Notifications to people and systems (`[notify]`, and one `[[notify.sinks]]` table
+/// per receiver).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySettings {
+    /// The longest pause between two attempts at one notification.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// How long one attempt may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// A notification not delivered this long after its transition goes to the
+    /// dead letters.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    #[serde(default)]
+    pub sinks: Vec<SinkSettings>,
+}
+
+/// One receiver as written in the file; [`Settings::sinks`] checks it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSettings {
+    /// How the API and the metrics call it: letters, digits, `-` and `_`.
+    pub name: String,
+    /// `webhook`, `telegram` or `slack`.
+    pub kind: String,
+    #[serde(default = "enabled_by_default")]
+    pub enabled: bool,
+    /// webhook, slack: where to POST.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<Secret>,
+    /// webhook: the signing secret, `whsec_<base64>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<Secret>,
+    /// telegram: the bot token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// telegram: the chat, a number or `@channel`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "text_or_number"
+    )]
+    pub chat_id: Option<String>,
+    /// telegram: the Bot API's address (default the public one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
+    #[serde(default)]
+    pub filter: FilterSettings,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+/// A TOML string or integer (Telegram chat ids are numbers, channels `@names`).
+fn text_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum TextOrNumber {
+        Text(String),
+        Number(i64),
+    }
+    Ok(Option::<TextOrNumber>::deserialize(d)?.map(|v| match v {
+        TextOrNumber::Text(text) => text,
+        TextOrNumber::Number(n) => n.to_string(),
+    }))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -270,6 +343,12 @@ impl Default for Settings {
                 registration_rate: 1_000.0,
                 registration_burst: 10_000,
             },
+            notify: NotifySettings {
+                retry_max: Duration::from_secs(60),
+                timeout: Duration::from_secs(10),
+                max_age: Duration::from_secs(24 * 3600),
+                sinks: Vec::new(),
+            },
         }
     }
 }
@@ -382,6 +461,9 @@ impl Settings {
             ("heartbeat.flush_interval", hb.flush_interval),
             ("http.header_timeout", self.http.header_timeout),
             ("http.request_timeout", self.http.request_timeout),
+            ("notify.retry_max", self.notify.retry_max),
+            ("notify.timeout", self.notify.timeout),
+            ("notify.max_age", self.notify.max_age),
             ("health.commit_lag", self.health.commit_lag),
             ("health.publish_lag", self.health.publish_lag),
         ] {
@@ -431,6 +513,7 @@ impl Settings {
                 "must be at least 1",
             ));
         }
+        self.sinks()?;
         if self.mqtt.broker == BrokerMode::External {
             self.broker_url()?;
         }
@@ -470,6 +553,24 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// The notification sinks, checked: each kind has what it needs, names are unique.
+    pub fn sinks(&self) -> Result<Vec<SinkSpec>, ConfigError> {
+        let mut seen = BTreeSet::new();
+        let mut specs = Vec::with_capacity(self.notify.sinks.len());
+        for (i, sink) in self.notify.sinks.iter().enumerate() {
+            let key = format!("notify.sinks[{i}]");
+            let spec = SinkSpec::parse(sink).map_err(|why| ConfigError::key(&key, why))?;
+            if !seen.insert(spec.name.clone()) {
+                return Err(ConfigError::key(
+                    &key,
+                    format!("a second sink named {:?}", spec.name),
+                ));
+            }
+            specs.push(spec);
+        }
+        Ok(specs)
     }
 
     /// `mqtt.url`, parsed.

@@ -33,6 +33,7 @@ pub mod heartbeat;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
+pub mod notify;
 pub mod open_files;
 pub mod registration;
 pub mod status;

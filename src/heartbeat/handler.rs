@@ -416,6 +416,10 @@ mod tests {
     }
 
     fn harness(max_uncommitted: usize, capacity: usize) -> Harness {
+        harness_flushing_every(FLUSH, max_uncommitted, capacity)
+    }
+
+    fn harness_flushing_every(flush: Duration, max_uncommitted: usize, capacity: usize) -> Harness {
         let store = Arc::new(FakeStore::default());
         let metrics = Arc::new(Metrics::default());
         let health = Arc::new(Health::new(
@@ -432,7 +436,7 @@ mod tests {
             metrics,
             health,
             Limits {
-                flush_interval: FLUSH,
+                flush_interval: flush,
                 max_batch: 1000,
                 max_uncommitted,
                 max_uncommitted_bytes: usize::MAX,
@@ -566,7 +570,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_commit_that_hangs_at_shutdown_is_given_up_within_the_window() {
-        let h = harness(100, 100);
+        // No flush before the shutdown's own: the hanging commit is the final one.
+        let h = harness_flushing_every(Duration::from_secs(3600), 100, 100);
         h.store.hanging.store(true, Relaxed);
         for device in ["a", "b"] {
             h.queue.send(beat(device)).await.expect("queued");

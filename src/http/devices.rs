@@ -39,7 +39,7 @@ fn next_page<T, C>(rows: &mut Vec<T>, limit: u32, cursor: impl FnOnce(&T) -> C) 
     rows.last().map(cursor)
 }
 
-fn limit(requested: Option<u32>) -> Result<u32, ApiError> {
+pub(super) fn limit(requested: Option<u32>) -> Result<u32, ApiError> {
     match requested.unwrap_or(DEFAULT_LIMIT) {
         n @ 1..=MAX_LIMIT => Ok(n),
         n => Err(ApiError::BadRequest(format!(

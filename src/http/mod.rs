@@ -10,6 +10,7 @@ mod error;
 mod live;
 mod ops;
 mod server;
+mod sinks;
 
 use std::sync::Arc;
 
@@ -61,6 +62,7 @@ pub struct HttpState {
     /// `devices.max_devices`, for registrations through the API.
     pub max_devices: Option<u64>,
     pub health: Arc<Health>,
+    pub sinks: Arc<crate::notify::Sinks>,
     /// Cancelled at shutdown, so open event streams end.
     pub closing: CancellationToken,
 }
@@ -74,6 +76,7 @@ pub struct HttpState {
     modifiers(&BearerKey),
     tags(
         (name = "devices", description = "The fleet: devices, history, heartbeats, live updates"),
+        (name = "notifications", description = "Sinks that tell people: webhook, Telegram, Slack"),
         (name = "operations", description = "Health, metrics, the dashboard")
     )
 )]
@@ -122,6 +125,12 @@ pub fn router(state: HttpState, limits: RequestLimits) -> Router {
         .routes(routes!(devices::heartbeat))
         .routes(routes!(devices::summary))
         .routes(routes!(live::stream))
+        .routes(routes!(sinks::list))
+        .routes(routes!(sinks::change))
+        .routes(routes!(sinks::test))
+        .routes(routes!(sinks::dead_letters))
+        .routes(routes!(sinks::retry))
+        .routes(routes!(sinks::drop_dead))
         .routes(routes!(openapi_json))
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -140,6 +140,7 @@ pub async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     };
     let mut text = state.metrics.render(&devices);
     state.health.render_metrics(&mut text);
+    state.sinks.render_metrics(&mut text).await;
     (
         [(
             header::CONTENT_TYPE,

@@ -6,12 +6,14 @@
 mod error;
 #[cfg(test)]
 pub mod fake;
+pub mod notifications;
 pub mod sqlite;
 
 use async_trait::async_trait;
 use serde::Serialize;
 
 pub use error::StoreError;
+pub use notifications::NotificationStore;
 
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
@@ -175,13 +177,27 @@ pub struct OutboxItem {
     pub entry: OutboxEntry,
 }
 
-/// Opens the store `url` names and runs its migrations.
-pub async fn connect(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+/// The stores one database provides.
+#[derive(Clone)]
+pub struct Stores {
+    pub devices: std::sync::Arc<dyn Store>,
+    pub notifications: std::sync::Arc<dyn NotificationStore>,
+}
+
+/// Opens the database `url` names, runs its migrations, and returns both stores.
+pub async fn connect_all(url: &str) -> Result<Stores, StoreError> {
     if url.starts_with("sqlite:") {
-        Ok(std::sync::Arc::new(
-            sqlite::SqliteStore::connect(url).await?,
-        ))
+        let store = std::sync::Arc::new(sqlite::SqliteStore::connect(url).await?);
+        Ok(Stores {
+            devices: store.clone(),
+            notifications: store,
+        })
     } else {
         Err(StoreError::UnsupportedUrl(url.to_string()))
     }
+}
+
+/// Opens the store `url` names and runs its migrations.
+pub async fn connect(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    Ok(connect_all(url).await?.devices)
 }

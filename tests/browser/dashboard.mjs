@@ -65,6 +65,12 @@ try {
   check((await page.textContent('.card[data-device-id="pump-online"] .seen')).includes("last seen"),
         "cards say when the device was last seen");
 
+  // The Notifications panel: the sink, its kind, what it delivered.
+  await page.waitForSelector('#sinks:not([hidden]) tr[data-sink="ops"]', { timeout: 15000 });
+  const sinkRow = await page.$eval('tr[data-sink="ops"]', (tr) => [...tr.cells].map((td) => td.textContent));
+  check(sinkRow[1] === "webhook" && sinkRow[2] === "on" && Number(sinkRow[5]) >= 2,
+        `notifications panel: ${sinkRow}`);
+
   // A click shows the reported fields.
   await page.click('.card[data-device-id="pump-error"]');
   await page.waitForSelector("#details.open");

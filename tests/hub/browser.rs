@@ -33,8 +33,12 @@ async fn the_dashboard_shows_the_fleet_and_turns_a_silent_device_red_without_rel
         "playwright-core is missing: run `npm ci --prefix tests/browser`"
     );
 
+    // A webhook sink, so the Notifications panel has something to show.
+    let receiver = crate::receiver::Receiver::start().await;
+    let sink = crate::notify::webhook("ops", receiver.url("/in"));
     let app = spawn_app_with(Broker::Embedded, |s| {
-        s.http.api_key = Some(Secret::new(KEY))
+        s.http.api_key = Some(Secret::new(KEY));
+        s.notify.sinks = vec![sink];
     })
     .await;
     let mut watcher = app.watch().await;
@@ -72,6 +76,8 @@ async fn the_dashboard_shows_the_fleet_and_turns_a_silent_device_red_without_rel
     watcher
         .expect("pump-offline", Status::Offline, "heartbeat_timeout")
         .await;
+    // The error and the offline transitions, delivered.
+    receiver.wait_for_accepted(2, PATIENCE).await;
 
     let mut browser = Command::new("node");
     browser

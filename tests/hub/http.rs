@@ -37,7 +37,7 @@ async fn json_of(response: reqwest::Response) -> Value {
 }
 
 /// Every route the router has, as the OpenAPI document must list them.
-const ROUTES: [(&str, &str); 14] = [
+const ROUTES: [(&str, &str); 20] = [
     ("get", "/api/v1/devices"),
     ("post", "/api/v1/devices"),
     ("get", "/api/v1/devices/{id}"),
@@ -47,6 +47,12 @@ const ROUTES: [(&str, &str); 14] = [
     ("get", "/api/v1/summary"),
     ("get", "/api/v1/stream"),
     ("get", "/api/v1/openapi.json"),
+    ("get", "/api/v1/sinks"),
+    ("patch", "/api/v1/sinks/{name}"),
+    ("post", "/api/v1/sinks/{name}/test"),
+    ("get", "/api/v1/sinks/{name}/dead-letters"),
+    ("post", "/api/v1/sinks/{name}/dead-letters/drop"),
+    ("post", "/api/v1/sinks/{name}/dead-letters/retry"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/livez"),

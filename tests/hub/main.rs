@@ -10,6 +10,8 @@ mod faults;
 mod helpers;
 mod http;
 mod mosquitto;
+mod notify;
+mod receiver;
 mod registration;
 mod restart;
 mod scenarios;

@@ -28,12 +28,22 @@ mqtt_port=$(free_port)
 key="schemathesis-key-$$"
 base="http://127.0.0.1:$http_port"
 
+# A sink, so the notification routes have one to report, switch and test; its
+# receiver is a port nobody listens on (every attempt fails and is retried).
+cat >"$work/fleetwatch.toml" <<TOML
+[[notify.sinks]]
+name = "ops"
+kind = "webhook"
+url = "http://127.0.0.1:$(free_port)/hooks"
+secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+TOML
+
 env -i PATH="$PATH" RUST_LOG=warn \
   FLEETWATCH_MQTT__LISTEN="127.0.0.1:$mqtt_port" \
   FLEETWATCH_DATABASE__URL="sqlite://$work/fleetwatch.db" \
   FLEETWATCH_HTTP__LISTEN="127.0.0.1:$http_port" \
   FLEETWATCH_HTTP__API_KEY="$key" \
-  "$binary" serve 2>"$work/hub.log" &
+  "$binary" --config "$work/fleetwatch.toml" serve 2>"$work/hub.log" &
 hub=$!
 cleanup() {
   kill "$hub" 2>/dev/null || true

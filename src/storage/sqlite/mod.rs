@@ -279,6 +279,9 @@ macro_rules! event_columns {
     };
 }
 
+// After the macros above, which it uses.
+mod notifications;
+
 macro_rules! device_columns {
     () => {
         "device_id, status, last_seen_at, first_seen_at, status_changed_at, registered_at, \

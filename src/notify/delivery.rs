@@ -1,0 +1,723 @@
+//! One task per sink, so a sink that is down never holds up another.
+//!
+//! A sink's task takes the transitions committed since its cursor from the event log,
+//! queues those its filter matches and moves its cursor past them in one transaction
+//! (so each is queued exactly once, whatever crashes), then sends what is due: each
+//! device's oldest pending notification only, so a device's notifications arrive in
+//! commit order, several devices at once. An answer is recorded after it arrives; a
+//! crash in between sends the notification again, under the same idempotency key.
+//!
+//! Failures: 408, 429, 5xx and no answer are tried again after a pause that doubles
+//! from a second up to `notify.retry_max`, with jitter (or what the receiver asked
+//! for); other 4xx, and anything older than `notify.max_age`, go to the dead letters,
+//! and that device's next notification moves up.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::{self, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::SinkSpec;
+use super::filter::is_recovery;
+use super::message::{Message, Notice};
+use super::target::Outcome;
+use crate::clock::{Clock, Timestamp};
+use crate::health::Outage;
+use crate::status::Status;
+use crate::storage::notifications::{NewNotification, Queued, Settled};
+use crate::storage::{Store, StoreError, Stores};
+
+/// The first pause after a failed attempt; it doubles up to `notify.retry_max`.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Requests in flight per sink (each to a different device).
+const IN_FLIGHT: usize = 16;
+/// Transitions read from the log per step.
+const PAGE: u32 = 500;
+/// How often a sink looks without being woken: for retries coming due, and for
+/// transitions written by another process (`fleetwatch check`).
+const POLL: Duration = Duration::from_millis(500);
+/// At shutdown, how long requests in flight may finish (then they are sent again at
+/// the next start, under the same key).
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// How deliveries are paced (`[notify]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Pacing {
+    pub retry_max: Duration,
+    pub timeout: Duration,
+    pub max_age: Duration,
+}
+
+/// The running sinks.
+pub struct Sinks {
+    sinks: Vec<Arc<Sink>>,
+    stores: Stores,
+    clock: Clock,
+    pacing: Pacing,
+    client: reqwest::Client,
+}
+
+struct Sink {
+    spec: SinkSpec,
+    enabled: AtomicBool,
+    /// The cursor in the database moved (the sink was switched on): reload it.
+    reload: AtomicBool,
+    wake: Notify,
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    dead: AtomicU64,
+    last: Mutex<Last>,
+}
+
+#[derive(Default)]
+struct Last {
+    success_at: Option<Timestamp>,
+    error: Option<String>,
+}
+
+/// A sink as `GET /api/v1/sinks` shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SinkReport {
+    pub name: String,
+    /// `webhook`, `telegram` or `slack`.
+    pub kind: &'static str,
+    pub enabled: bool,
+    /// Notifications waiting to be delivered.
+    pub backlog: u64,
+    /// Age of the oldest of them, in seconds; absent with none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_age_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_success_at: Option<Timestamp>,
+    /// The latest failure since this process started, if any (never a secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Notifications given up on, kept to retry or drop.
+    pub dead_letters: u64,
+    /// Deliveries since this process started.
+    pub delivered: u64,
+    /// Failed attempts since this process started.
+    pub failed: u64,
+}
+
+/// The answer to a test message.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TestResult {
+    pub delivered: bool,
+    /// The receiver's HTTP status, when it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("no sink named {0:?}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Sinks {
+    /// The configured sinks, with the run-time switches stored in the database.
+    pub async fn new(
+        specs: Vec<SinkSpec>,
+        stores: Stores,
+        clock: Clock,
+        pacing: Pacing,
+    ) -> Result<Arc<Self>, StoreError> {
+        let mut sinks = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let (_, switched) = stores.notifications.sink_state(&spec.name).await?;
+            sinks.push(Arc::new(Sink {
+                enabled: AtomicBool::new(switched.unwrap_or(spec.enabled)),
+                spec,
+                reload: AtomicBool::new(false),
+                wake: Notify::new(),
+                delivered: AtomicU64::new(0),
+                failed: AtomicU64::new(0),
+                dead: AtomicU64::new(0),
+                last: Mutex::new(Last::default()),
+            }));
+        }
+        // The receivers' answers decide; a redirect is not followed (a POST would
+        // turn into a GET): point the sink at the final address instead.
+        let client = reqwest::Client::builder()
+            .timeout(pacing.timeout)
+            .connect_timeout(pacing.timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("fleetwatch/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        Ok(Arc::new(Self {
+            sinks,
+            stores,
+            clock,
+            pacing,
+            client,
+        }))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sinks.is_empty()
+    }
+
+    /// New transitions were committed: every sink looks.
+    pub fn wake(&self) {
+        for sink in &self.sinks {
+            sink.wake.notify_one();
+        }
+    }
+
+    /// Runs every sink until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut tasks = JoinSet::new();
+        for sink in &self.sinks {
+            tasks.spawn(Arc::clone(&self).deliver(Arc::clone(sink), stop.clone()));
+        }
+        while let Some(done) = tasks.join_next().await {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "a notification sink's task failed");
+            }
+        }
+    }
+
+    fn sink(&self, name: &str) -> Result<&Arc<Sink>, SinkError> {
+        self.sinks
+            .iter()
+            .find(|s| s.spec.name == name)
+            .ok_or_else(|| SinkError::NotFound(name.to_string()))
+    }
+
+    pub async fn reports(&self) -> Result<Vec<SinkReport>, StoreError> {
+        let mut reports = Vec::with_capacity(self.sinks.len());
+        for sink in &self.sinks {
+            reports.push(self.report(sink).await?);
+        }
+        Ok(reports)
+    }
+
+    pub async fn report_of(&self, name: &str) -> Result<SinkReport, SinkError> {
+        Ok(self.report(self.sink(name)?).await?)
+    }
+
+    async fn report(&self, sink: &Sink) -> Result<SinkReport, StoreError> {
+        let stats = self
+            .stores
+            .notifications
+            .queue_stats(&sink.spec.name)
+            .await?;
+        let now = self.clock.now();
+        let (success_at, error) = sink
+            .last
+            .lock()
+            .map(|last| (last.success_at, last.error.clone()))
+            .unwrap_or_default();
+        Ok(SinkReport {
+            name: sink.spec.name.clone(),
+            kind: sink.spec.target.kind(),
+            enabled: sink.enabled.load(Relaxed),
+            backlog: stats.backlog,
+            oldest_pending_age_s: stats
+                .oldest_pending
+                .map(|t| now.millis_since(t).max(0) as f64 / 1e3),
+            last_success_at: success_at,
+            last_error: error,
+            dead_letters: stats.dead_letters,
+            delivered: sink.delivered.load(Relaxed),
+            failed: sink.failed.load(Relaxed),
+        })
+    }
+
+    /// Switches a sink on or off, for good (the switch is stored). Switched on, it
+    /// hears transitions from then on; what it had queued before is still sent.
+    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<SinkReport, SinkError> {
+        let sink = self.sink(name)?;
+        self.stores
+            .notifications
+            .set_sink_enabled(name, enabled, enabled)
+            .await?;
+        let was = sink.enabled.swap(enabled, Relaxed);
+        if enabled && !was {
+            sink.reload.store(true, Relaxed);
+        }
+        sink.wake.notify_one();
+        tracing::info!(sink = name, enabled, "notification sink switched");
+        self.report_of(name).await
+    }
+
+    /// Sends a test message now and says what the receiver answered.
+    pub async fn test(&self, name: &str) -> Result<TestResult, SinkError> {
+        let sink = self.sink(name)?;
+        let now = self.clock.now();
+        let id = format!("test-{}", uuid::Uuid::now_v7());
+        let message = Message::Test {
+            sink: name,
+            at: now,
+        };
+        let outcome = sink
+            .spec
+            .target
+            .send(&self.client, &id, message, now.unix_millis() / 1000)
+            .await;
+        Ok(match outcome {
+            Outcome::Delivered { status } => TestResult {
+                delivered: true,
+                status: Some(status),
+                error: None,
+            },
+            Outcome::Retry { error, .. } | Outcome::Dead { error } => TestResult {
+                delivered: false,
+                status: error.split(' ').next().and_then(|s| s.parse().ok()),
+                error: Some(error),
+            },
+        })
+    }
+
+    pub async fn dead_letters(
+        &self,
+        name: &str,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<crate::storage::notifications::DeadLetter>, SinkError> {
+        self.sink(name)?;
+        Ok(self
+            .stores
+            .notifications
+            .dead_letters(name, after_id, limit)
+            .await?)
+    }
+
+    pub async fn retry_dead(&self, name: &str, id: Option<i64>) -> Result<u64, SinkError> {
+        let sink = self.sink(name)?;
+        let retried = self
+            .stores
+            .notifications
+            .retry_dead(name, id, self.clock.now())
+            .await?;
+        sink.wake.notify_one();
+        Ok(retried)
+    }
+
+    pub async fn drop_dead(&self, name: &str, id: Option<i64>) -> Result<u64, SinkError> {
+        self.sink(name)?;
+        Ok(self.stores.notifications.drop_dead(name, id).await?)
+    }
+
+    /// Prometheus lines per sink.
+    pub async fn render_metrics(&self, out: &mut String) {
+        if self.sinks.is_empty() {
+            return;
+        }
+        let counters: [(&str, &str, Counter); 3] = [
+            (
+                "fleetwatch_notifications_delivered_total",
+                "Notifications the receiver accepted.",
+                |s| s.delivered.load(Relaxed),
+            ),
+            (
+                "fleetwatch_notifications_failed_total",
+                "Attempts that failed (each is retried or dead-lettered).",
+                |s| s.failed.load(Relaxed),
+            ),
+            (
+                "fleetwatch_notifications_dead_lettered_total",
+                "Notifications given up on.",
+                |s| s.dead.load(Relaxed),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for sink in &self.sinks {
+                let _ = writeln!(out, "{name}{{sink=\"{}\"}} {}", sink.spec.name, value(sink));
+            }
+        }
+        let mut backlog = String::new();
+        let mut age = String::new();
+        let mut dead = String::new();
+        for sink in &self.sinks {
+            let Ok(report) = self.report(sink).await else {
+                continue;
+            };
+            let label = &sink.spec.name;
+            let _ = writeln!(
+                backlog,
+                "fleetwatch_notifications_backlog{{sink=\"{label}\"}} {}",
+                report.backlog
+            );
+            let _ = writeln!(
+                age,
+                "fleetwatch_notifications_oldest_pending_seconds{{sink=\"{label}\"}} {}",
+                report.oldest_pending_age_s.unwrap_or(0.0)
+            );
+            let _ = writeln!(
+                dead,
+                "fleetwatch_notifications_dead_letters{{sink=\"{label}\"}} {}",
+                report.dead_letters
+            );
+        }
+        for (name, help, lines) in [
+            (
+                "fleetwatch_notifications_backlog",
+                "Notifications waiting to be delivered.",
+                backlog,
+            ),
+            (
+                "fleetwatch_notifications_oldest_pending_seconds",
+                "Age of the oldest notification waiting (0 when none).",
+                age,
+            ),
+            (
+                "fleetwatch_notifications_dead_letters",
+                "Notifications given up on, kept.",
+                dead,
+            ),
+        ] {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{lines}");
+        }
+    }
+
+    /// One sink's loop.
+    async fn deliver(self: Arc<Self>, sink: Arc<Sink>, stop: CancellationToken) {
+        let name = sink.spec.name.clone();
+        let mut cursor = match self.stores.notifications.sink_state(&name).await {
+            Ok((cursor, _)) => cursor,
+            Err(e) => {
+                tracing::error!(sink = %name, error = %e, "cannot read the sink's position; it stays idle");
+                return;
+            }
+        };
+        let mut in_flight = InFlight::default();
+        // In flight, or answered but not yet recorded: not to be sent again.
+        let mut flying: Vec<i64> = Vec::new();
+        let mut answered: Vec<Settled> = Vec::new();
+        let mut outage = Outage::default();
+        let mut tick = time::interval(POLL);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut stopping: Option<Instant> = None;
+        loop {
+            if stopping.is_none() && sink.enabled.load(Relaxed) {
+                let step = self
+                    .take_new(&sink, &mut cursor)
+                    .await
+                    .and(self.dispatch(&sink, &mut in_flight, &mut flying).await);
+                match step {
+                    Ok(()) => {
+                        if let Some(lasted) = outage.ended() {
+                            tracing::info!(sink = %name, after_s = lasted.as_secs_f64(), "the sink's queue is readable again");
+                        }
+                    }
+                    Err(e) => {
+                        if outage.failed() {
+                            tracing::warn!(sink = %name, error = %e, "cannot read or write the sink's queue; retrying");
+                        }
+                    }
+                }
+            }
+            if stopping.is_some() && in_flight.tasks.is_empty() {
+                break;
+            }
+            let deadline = stopping.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                Some(done) = in_flight.tasks.join_next_with_id(), if !in_flight.tasks.is_empty() => {
+                    let done = in_flight.finished(done, &mut flying);
+                    self.answered(&sink, done, &mut answered);
+                    while let Some(done) = in_flight.tasks.try_join_next_with_id() {
+                        let done = in_flight.finished(done, &mut flying);
+                        self.answered(&sink, done, &mut answered);
+                    }
+                }
+                _ = sink.wake.notified(), if stopping.is_none() => {}
+                _ = tick.tick(), if stopping.is_none() => {}
+                _ = stop.cancelled(), if stopping.is_none() => {
+                    stopping = Some(Instant::now() + STOP_WAIT);
+                }
+                _ = time::sleep_until(deadline), if stopping.is_some() => {
+                    in_flight.tasks.abort_all();
+                    break;
+                }
+            }
+            self.record(&mut answered, &mut flying).await;
+        }
+        self.record(&mut answered, &mut flying).await;
+        if !answered.is_empty() {
+            tracing::warn!(sink = %name, answers = answered.len(), "stopping with answers unrecorded; those notifications are sent again at the next start");
+        }
+    }
+
+    /// Queues the transitions committed after `cursor` that the sink's filter matches.
+    async fn take_new(&self, sink: &Sink, cursor: &mut i64) -> Result<(), StoreError> {
+        let store = &self.stores.notifications;
+        let name = &sink.spec.name;
+        if sink.reload.swap(false, Relaxed) {
+            *cursor = store.sink_state(name).await?.0;
+        }
+        loop {
+            let events = store.events_after(*cursor, PAGE).await?;
+            let Some(last) = events.last().map(|e| e.seq) else {
+                return Ok(());
+            };
+            let mut items = Vec::new();
+            for stored in events.iter().filter(|e| sink.spec.filter.matches(&e.event)) {
+                items.push(NewNotification {
+                    event_seq: stored.seq,
+                    notice: self.notice(stored).await?,
+                });
+            }
+            if store
+                .enqueue(name, *cursor, last, &items, self.clock.now())
+                .await?
+            {
+                *cursor = last;
+                if !items.is_empty() {
+                    sink.wake.notify_one();
+                }
+            } else {
+                // Another process moved the cursor: start from where it left it.
+                *cursor = store.sink_state(name).await?.0;
+            }
+            if events.len() < PAGE as usize {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn notice(&self, stored: &crate::event::StoredEvent) -> Result<Notice, StoreError> {
+        let event = &stored.event;
+        let down_since = if is_recovery(event) {
+            self.stores
+                .notifications
+                .previous_change(&event.device_id, stored.seq)
+                .await?
+        } else {
+            None
+        };
+        let error = if event.status == Status::Error {
+            let devices: &Arc<dyn Store> = &self.stores.devices;
+            devices
+                .device(&event.device_id)
+                .await?
+                .and_then(|d| d.error)
+        } else {
+            None
+        };
+        Ok(Notice {
+            event: event.clone(),
+            down_since,
+            error,
+        })
+    }
+
+    /// Sends what is due, up to the sink's share of requests in flight.
+    async fn dispatch(
+        &self,
+        sink: &Arc<Sink>,
+        in_flight: &mut InFlight,
+        flying: &mut Vec<i64>,
+    ) -> Result<(), StoreError> {
+        let room = IN_FLIGHT.saturating_sub(in_flight.tasks.len());
+        if room == 0 {
+            return Ok(());
+        }
+        let now = self.clock.now();
+        let due = self
+            .stores
+            .notifications
+            .due(&sink.spec.name, now, flying, room as u32)
+            .await?;
+        for queued in due {
+            flying.push(queued.id);
+            let notification = queued.id;
+            let sink = Arc::clone(sink);
+            let client = self.client.clone();
+            let sent_at = now.unix_millis() / 1000;
+            let task = in_flight.tasks.spawn(async move {
+                let id = queued.notice.event.event_id.to_string();
+                let outcome = sink
+                    .spec
+                    .target
+                    .send(&client, &id, Message::Notice(&queued.notice), sent_at)
+                    .await;
+                (queued, outcome)
+            });
+            in_flight.ids.insert(task.id(), notification);
+        }
+        Ok(())
+    }
+
+    /// Turns an answer into what to record.
+    fn answered(&self, sink: &Sink, done: Option<(Queued, Outcome)>, answered: &mut Vec<Settled>) {
+        let Some((queued, outcome)) = done else {
+            return;
+        };
+        let now = self.clock.now();
+        let attempts = queued.attempts.saturating_add(1);
+        let settled = match outcome {
+            Outcome::Delivered { .. } => {
+                sink.delivered.fetch_add(1, Relaxed);
+                if let Ok(mut last) = sink.last.lock() {
+                    last.success_at = Some(now);
+                }
+                Settled::Delivered { id: queued.id }
+            }
+            Outcome::Retry { error, after } => {
+                sink.failed.fetch_add(1, Relaxed);
+                let age = Duration::from_millis(now.millis_since(queued.created_at).max(0) as u64);
+                if age >= self.pacing.max_age {
+                    let error = format!(
+                        "gave up after {attempts} attempts over {}: {error}",
+                        humantime::format_duration(Duration::from_secs(age.as_secs()))
+                    );
+                    self.dead(sink, &queued, &error);
+                    Settled::Dead {
+                        id: queued.id,
+                        attempts,
+                        error,
+                    }
+                } else {
+                    let wait = backoff(attempts, after, self.pacing.retry_max);
+                    self.failed(sink, &queued, &error, wait);
+                    Settled::Retry {
+                        id: queued.id,
+                        attempts,
+                        next_attempt_at: now.saturating_add(wait),
+                        error,
+                    }
+                }
+            }
+            Outcome::Dead { error } => {
+                sink.failed.fetch_add(1, Relaxed);
+                self.dead(sink, &queued, &error);
+                Settled::Dead {
+                    id: queued.id,
+                    attempts,
+                    error,
+                }
+            }
+        };
+        answered.push(settled);
+    }
+
+    fn failed(&self, sink: &Sink, queued: &Queued, error: &str, wait: Duration) {
+        tracing::debug!(sink = %sink.spec.name, device_id = %queued.notice.event.device_id, error, retry_in_ms = wait.as_millis() as u64, "notification not delivered; retrying");
+        let first = sink
+            .last
+            .lock()
+            .map(|mut last| last.error.replace(error.to_string()).is_none())
+            .unwrap_or(false);
+        if first {
+            tracing::warn!(sink = %sink.spec.name, error, "a notification could not be delivered; retrying with backoff");
+        }
+    }
+
+    fn dead(&self, sink: &Sink, queued: &Queued, error: &str) {
+        sink.dead.fetch_add(1, Relaxed);
+        if let Ok(mut last) = sink.last.lock() {
+            last.error = Some(error.to_string());
+        }
+        tracing::warn!(
+            sink = %sink.spec.name,
+            device_id = %queued.notice.event.device_id,
+            event_id = %queued.notice.event.event_id,
+            error,
+            "notification given up on (dead letter)"
+        );
+    }
+
+    /// Writes the answers down; those written are no longer in flight.
+    async fn record(&self, answered: &mut Vec<Settled>, flying: &mut Vec<i64>) {
+        if answered.is_empty() {
+            return;
+        }
+        if self.stores.notifications.settle(answered).await.is_ok() {
+            let done: Vec<i64> = answered.iter().map(settled_id).collect();
+            flying.retain(|id| !done.contains(id));
+            answered.clear();
+        }
+    }
+}
+
+/// A sink's requests in flight, each task known by the notification it sends.
+#[derive(Default)]
+struct InFlight {
+    tasks: JoinSet<(Queued, Outcome)>,
+    ids: std::collections::HashMap<tokio::task::Id, i64>,
+}
+
+impl InFlight {
+    /// A finished task's answer; `None` if it panicked or was cancelled, in which case
+    /// its notification stays pending and may be sent again.
+    fn finished(
+        &mut self,
+        done: Result<(tokio::task::Id, (Queued, Outcome)), tokio::task::JoinError>,
+        flying: &mut Vec<i64>,
+    ) -> Option<(Queued, Outcome)> {
+        match done {
+            Ok((task, answer)) => {
+                self.ids.remove(&task);
+                Some(answer)
+            }
+            Err(e) => {
+                if let Some(notification) = self.ids.remove(&e.id()) {
+                    flying.retain(|id| *id != notification);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Reads one of a sink's counters.
+type Counter = fn(&Sink) -> u64;
+
+fn settled_id(settled: &Settled) -> i64 {
+    match settled {
+        Settled::Delivered { id } | Settled::Retry { id, .. } | Settled::Dead { id, .. } => *id,
+    }
+}
+
+/// The pause before attempt `attempts + 1`: doubling from [`RETRY_FIRST`], at most
+/// `max`, somewhere in its upper half (jitter, so a sink's retries after an outage do
+/// not arrive all at once), or what the receiver asked for if that is longer.
+fn backoff(attempts: u32, asked: Option<Duration>, max: Duration) -> Duration {
+    let exponent = attempts.saturating_sub(1).min(16);
+    let full = RETRY_FIRST.saturating_mul(1 << exponent).min(max);
+    let jittered = full.mul_f64(0.5 + fastrand::f64() * 0.5);
+    asked.map_or(jittered, |asked| asked.max(jittered)).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let max = Duration::from_secs(60);
+        for _ in 0..100 {
+            let first = backoff(1, None, max);
+            assert!(
+                (Duration::from_millis(500)..=RETRY_FIRST).contains(&first),
+                "{first:?}"
+            );
+            let fourth = backoff(4, None, max);
+            assert!((Duration::from_secs(4)..=Duration::from_secs(8)).contains(&fourth));
+            let late = backoff(30, None, max);
+            assert!((Duration::from_secs(30)..=max).contains(&late), "{late:?}");
+        }
+        assert_eq!(
+            backoff(1, Some(Duration::from_secs(7)), max),
+            Duration::from_secs(7),
+            "the receiver's Retry-After"
+        );
+        assert_eq!(backoff(1, Some(Duration::from_secs(600)), max), max);
+        assert!(backoff(3, None, Duration::from_millis(100)) <= Duration::from_millis(100));
+    }
+}

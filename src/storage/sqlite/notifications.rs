@@ -1,0 +1,515 @@
+//! The sinks' queues in SQLite (migration 20261202000001).
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use super::{SqliteStore, corrupt, stored_event, to_json};
+use crate::clock::Timestamp;
+use crate::device::DeviceId;
+use crate::event::StoredEvent;
+use crate::notify::message::Notice;
+use crate::storage::StoreError;
+use crate::storage::notifications::{
+    DeadLetter, NewNotification, NotificationStore, QueueStats, Queued, Settled,
+};
+
+fn notice(row: &SqliteRow) -> Result<Notice, StoreError> {
+    let text: String = row.try_get("notice")?;
+    serde_json::from_str(&text).map_err(|e| corrupt(format!("notice: {e}")))
+}
+
+fn attempts(row: &SqliteRow) -> Result<u32, StoreError> {
+    let n: i64 = row.try_get("attempts")?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+#[async_trait]
+impl NotificationStore for SqliteStore {
+    async fn sink_state(&self, sink: &str) -> Result<(i64, Option<bool>), StoreError> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO notify_sinks (sink, last_seq) \
+             VALUES (?1, (SELECT coalesce(max(seq), 0) FROM status_events)) \
+             ON CONFLICT (sink) DO NOTHING",
+        )
+        .bind(sink)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query("SELECT last_seq, enabled FROM notify_sinks WHERE sink = ?1")
+            .bind(sink)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let enabled: Option<i64> = row.try_get("enabled")?;
+        Ok((row.try_get("last_seq")?, enabled.map(|e| e != 0)))
+    }
+
+    async fn set_sink_enabled(
+        &self,
+        sink: &str,
+        enabled: bool,
+        skip_to_end: bool,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO notify_sinks (sink, last_seq, enabled) \
+             VALUES (?1, (SELECT coalesce(max(seq), 0) FROM status_events), ?2) \
+             ON CONFLICT (sink) DO UPDATE SET enabled = excluded.enabled, \
+                 last_seq = CASE WHEN ?3 THEN excluded.last_seq ELSE notify_sinks.last_seq END",
+        )
+        .bind(sink)
+        .bind(i64::from(enabled))
+        .bind(skip_to_end)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
+    async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM status_events WHERE seq > ?1 AND reason <> 'deleted' ORDER BY seq LIMIT ?2"
+        ))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(stored_event)
+        .collect()
+    }
+
+    async fn previous_change(
+        &self,
+        device: &DeviceId,
+        before_seq: i64,
+    ) -> Result<Option<Timestamp>, StoreError> {
+        let changed: Option<i64> = sqlx::query_scalar(
+            "SELECT changed_at FROM status_events \
+             WHERE device_id = ?1 AND seq < ?2 AND reason <> 'deleted' \
+             ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(device.as_str())
+        .bind(before_seq)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(changed.map(Timestamp::from_unix_millis))
+    }
+
+    async fn enqueue(
+        &self,
+        sink: &str,
+        from: i64,
+        to: i64,
+        items: &[NewNotification],
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        let moved =
+            sqlx::query("UPDATE notify_sinks SET last_seq = ?3 WHERE sink = ?1 AND last_seq = ?2")
+                .bind(sink)
+                .bind(from)
+                .bind(to)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        if moved == 0 {
+            tx.rollback().await;
+            return Ok(false);
+        }
+        for item in items {
+            sqlx::query(
+                "INSERT INTO notifications \
+                     (sink, event_seq, device_id, notice, state, next_attempt_at, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5) \
+                 ON CONFLICT (sink, event_seq) DO NOTHING",
+            )
+            .bind(sink)
+            .bind(item.event_seq)
+            .bind(item.notice.event.device_id.as_str())
+            .bind(to_json(&item.notice)?)
+            .bind(now.unix_millis())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn due(
+        &self,
+        sink: &str,
+        now: Timestamp,
+        skip: &[i64],
+        limit: u32,
+    ) -> Result<Vec<Queued>, StoreError> {
+        sqlx::query(
+            "SELECT n.id, n.notice, n.attempts, n.created_at FROM notifications AS n \
+             WHERE n.sink = ?1 AND n.state = 'pending' AND n.next_attempt_at <= ?2 \
+               AND n.id NOT IN (SELECT value FROM json_each(?3)) \
+               AND n.id = (SELECT min(m.id) FROM notifications AS m \
+                           WHERE m.sink = n.sink AND m.device_id = n.device_id \
+                             AND m.state = 'pending') \
+             ORDER BY n.id LIMIT ?4",
+        )
+        .bind(sink)
+        .bind(now.unix_millis())
+        .bind(to_json(&skip)?)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(Queued {
+                id: row.try_get("id")?,
+                notice: notice(row)?,
+                attempts: attempts(row)?,
+                created_at: Timestamp::from_unix_millis(row.try_get("created_at")?),
+            })
+        })
+        .collect()
+    }
+
+    async fn settle(&self, outcomes: &[Settled]) -> Result<(), StoreError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.write().await?;
+        for outcome in outcomes {
+            let query = match outcome {
+                Settled::Delivered { id } => {
+                    sqlx::query("DELETE FROM notifications WHERE id = ?1").bind(id)
+                }
+                Settled::Retry {
+                    id,
+                    attempts,
+                    next_attempt_at,
+                    error,
+                } => sqlx::query(
+                    "UPDATE notifications SET attempts = ?2, next_attempt_at = ?3, \
+                         last_error = ?4 WHERE id = ?1",
+                )
+                .bind(id)
+                .bind(attempts)
+                .bind(next_attempt_at.unix_millis())
+                .bind(error.as_str()),
+                Settled::Dead {
+                    id,
+                    attempts,
+                    error,
+                } => sqlx::query(
+                    "UPDATE notifications SET state = 'dead', attempts = ?2, last_error = ?3 \
+                     WHERE id = ?1",
+                )
+                .bind(id)
+                .bind(attempts)
+                .bind(error.as_str()),
+            };
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+
+    async fn queue_stats(&self, sink: &str) -> Result<QueueStats, StoreError> {
+        let row = sqlx::query(
+            "SELECT \
+                 (SELECT count(*) FROM notifications WHERE sink = ?1 AND state = 'pending') AS backlog, \
+                 (SELECT min(created_at) FROM notifications WHERE sink = ?1 AND state = 'pending') AS oldest, \
+                 (SELECT count(*) FROM notifications WHERE sink = ?1 AND state = 'dead') AS dead",
+        )
+        .bind(sink)
+        .fetch_one(&self.pool)
+        .await?;
+        let count = |column: &str| -> Result<u64, StoreError> {
+            let n: i64 = row.try_get(column)?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        };
+        let oldest: Option<i64> = row.try_get("oldest")?;
+        Ok(QueueStats {
+            backlog: count("backlog")?,
+            oldest_pending: oldest.map(Timestamp::from_unix_millis),
+            dead_letters: count("dead")?,
+        })
+    }
+
+    async fn dead_letters(
+        &self,
+        sink: &str,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        sqlx::query(
+            "SELECT id, notice, attempts, created_at, last_error FROM notifications \
+             WHERE sink = ?1 AND state = 'dead' AND id > ?2 ORDER BY id LIMIT ?3",
+        )
+        .bind(sink)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(DeadLetter {
+                id: row.try_get("id")?,
+                notice: notice(row)?,
+                attempts: attempts(row)?,
+                created_at: Timestamp::from_unix_millis(row.try_get("created_at")?),
+                error: row
+                    .try_get::<Option<String>, _>("last_error")?
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
+    }
+
+    async fn retry_dead(
+        &self,
+        sink: &str,
+        id: Option<i64>,
+        now: Timestamp,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.write().await?;
+        // A retried letter counts its age from now, or max_age would bury it again.
+        let retried = sqlx::query(
+            "UPDATE notifications SET state = 'pending', attempts = 0, next_attempt_at = ?3, \
+                 created_at = ?3 \
+             WHERE sink = ?1 AND state = 'dead' AND (?2 IS NULL OR id = ?2)",
+        )
+        .bind(sink)
+        .bind(id)
+        .bind(now.unix_millis())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(retried)
+    }
+
+    async fn drop_dead(&self, sink: &str, id: Option<i64>) -> Result<u64, StoreError> {
+        let mut tx = self.write().await?;
+        let dropped = sqlx::query(
+            "DELETE FROM notifications WHERE sink = ?1 AND state = 'dead' \
+             AND (?2 IS NULL OR id = ?2)",
+        )
+        .bind(sink)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heartbeat::Heartbeat;
+    use crate::heartbeat::batch::Batch;
+    use crate::registration::NewDevices;
+    use crate::storage::Store;
+
+    async fn store() -> (SqliteStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        (SqliteStore::connect(&url).await.expect("open store"), dir)
+    }
+
+    fn at(ms: i64) -> Timestamp {
+        Timestamp::from_unix_millis(ms)
+    }
+
+    /// Commits heartbeats (`healthy` false: an error) for devices, one flush.
+    async fn beats(store: &SqliteStore, ms: i64, beats: &[(&str, bool)]) {
+        let mut batch = Batch::default();
+        for (id, healthy) in beats {
+            batch.add_heartbeat(
+                DeviceId::parse(id).expect("id"),
+                at(ms),
+                Heartbeat {
+                    healthy: *healthy,
+                    ..Heartbeat::default()
+                },
+            );
+        }
+        store
+            .apply(&batch.take(), NewDevices::UNLIMITED)
+            .await
+            .expect("apply");
+    }
+
+    async fn queue_all(store: &SqliteStore, sink: &str) -> i64 {
+        let (cursor, _) = store.sink_state(sink).await.expect("state");
+        let events = store.events_after(cursor, 100).await.expect("events");
+        let items: Vec<_> = events
+            .iter()
+            .map(|e| NewNotification {
+                event_seq: e.seq,
+                notice: Notice {
+                    event: e.event.clone(),
+                    down_since: None,
+                    error: None,
+                },
+            })
+            .collect();
+        let last = events.last().map_or(cursor, |e| e.seq);
+        assert!(
+            store
+                .enqueue(sink, cursor, last, &items, at(0))
+                .await
+                .expect("enqueue")
+        );
+        last
+    }
+
+    #[tokio::test]
+    async fn a_new_sink_starts_at_the_end_of_the_log() {
+        let (store, _dir) = store().await;
+        beats(&store, 1_000, &[("a", true)]).await;
+        let (cursor, enabled) = store.sink_state("ops").await.expect("state");
+        assert!(
+            store
+                .events_after(cursor, 10)
+                .await
+                .expect("events")
+                .is_empty()
+        );
+        assert_eq!(enabled, None);
+        beats(&store, 2_000, &[("a", false)]).await;
+        assert_eq!(
+            store.events_after(cursor, 10).await.expect("events").len(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cursor_moved_by_someone_else_queues_nothing() {
+        let (store, _dir) = store().await;
+        store.sink_state("ops").await.expect("state");
+        beats(&store, 1_000, &[("a", true)]).await;
+        let last = queue_all(&store, "ops").await;
+        // A second instance that read the same cursor loses the race.
+        assert!(
+            !store
+                .enqueue("ops", 0, last, &[], at(0))
+                .await
+                .expect("enqueue")
+        );
+        assert_eq!(store.queue_stats("ops").await.expect("stats").backlog, 1);
+    }
+
+    #[tokio::test]
+    async fn only_a_devices_oldest_pending_notification_is_due() {
+        let (store, _dir) = store().await;
+        store.sink_state("ops").await.expect("state");
+        beats(&store, 1_000, &[("a", true), ("b", true)]).await;
+        beats(&store, 2_000, &[("a", false)]).await;
+        queue_all(&store, "ops").await;
+        let due = store.due("ops", at(0), &[], 10).await.expect("due");
+        let ids: Vec<(String, i64)> = due
+            .iter()
+            .map(|q| (q.notice.event.device_id.to_string(), q.id))
+            .collect();
+        assert_eq!(ids.len(), 2, "a's second waits behind its first: {ids:?}");
+        let of = |device: &str| {
+            due.iter()
+                .find(|q| q.notice.event.device_id.as_str() == device)
+                .map(|q| q.id)
+                .expect("due")
+        };
+        let (first_a, first_b) = (of("a"), of("b"));
+        // In flight: skipped, and a's next still waits behind it.
+        let without = store.due("ops", at(0), &[first_a], 10).await.expect("due");
+        assert_eq!(without.len(), 1);
+
+        // Delivered: a's next moves up. Retrying later: not due before its time.
+        store
+            .settle(&[
+                Settled::Delivered { id: first_a },
+                Settled::Retry {
+                    id: first_b,
+                    attempts: 1,
+                    next_attempt_at: at(5_000),
+                    error: "503".into(),
+                },
+            ])
+            .await
+            .expect("settle");
+        let next = store.due("ops", at(0), &[], 10).await.expect("due");
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].notice.event.device_id.as_str(), "a");
+        assert_eq!(
+            store
+                .due("ops", at(5_000), &[], 10)
+                .await
+                .expect("due")
+                .len(),
+            2
+        );
+
+        // Dead: kept aside, and the device's queue moves on.
+        store
+            .settle(&[Settled::Dead {
+                id: next[0].id,
+                attempts: 1,
+                error: "400 nope".into(),
+            }])
+            .await
+            .expect("settle");
+        let stats = store.queue_stats("ops").await.expect("stats");
+        assert_eq!((stats.backlog, stats.dead_letters), (1, 1));
+        let letters = store.dead_letters("ops", 0, 10).await.expect("letters");
+        assert_eq!(letters[0].error, "400 nope");
+        assert_eq!(
+            store
+                .retry_dead("ops", None, at(9_000))
+                .await
+                .expect("retry"),
+            1
+        );
+        assert_eq!(store.queue_stats("ops").await.expect("stats").backlog, 2);
+        store
+            .settle(&[Settled::Dead {
+                id: letters[0].id,
+                attempts: 2,
+                error: "400".into(),
+            }])
+            .await
+            .expect("settle");
+        assert_eq!(
+            store
+                .drop_dead("ops", Some(letters[0].id))
+                .await
+                .expect("drop"),
+            1
+        );
+        assert_eq!(
+            store.queue_stats("ops").await.expect("stats").dead_letters,
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn switching_a_sink_on_can_skip_what_it_missed() {
+        let (store, _dir) = store().await;
+        store.sink_state("ops").await.expect("state");
+        store
+            .set_sink_enabled("ops", false, false)
+            .await
+            .expect("off");
+        beats(&store, 1_000, &[("a", true)]).await;
+        assert_eq!(store.sink_state("ops").await.expect("state").1, Some(false));
+        store.set_sink_enabled("ops", true, true).await.expect("on");
+        let (cursor, enabled) = store.sink_state("ops").await.expect("state");
+        assert_eq!(enabled, Some(true));
+        assert!(
+            store
+                .events_after(cursor, 10)
+                .await
+                .expect("events")
+                .is_empty()
+        );
+    }
+}
