@@ -10,6 +10,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod db;
 mod listen;
 mod measure;
+mod notify;
 mod procs;
 mod report;
 
@@ -22,7 +23,7 @@ use clap::Parser;
 
 use crate::report::Report;
 
-const MEASUREMENTS: [&str; 7] = [
+const MEASUREMENTS: [&str; 9] = [
     "ingest",
     "db",
     "coalescing",
@@ -30,6 +31,8 @@ const MEASUREMENTS: [&str; 7] = [
     "storm",
     "memory",
     "sustained",
+    "notify",
+    "outage",
 ];
 
 #[derive(Parser, Debug)]
@@ -40,7 +43,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Only these measurements, comma-separated: ingest, db, coalescing, lag, storm,
-    /// memory, sustained.
+    /// memory, sustained, notify, outage.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the results.
@@ -71,6 +74,10 @@ pub struct Scale {
     pub sustained_devices: u64,
     pub sustained_interval: Duration,
     pub sustained_for: Duration,
+    /// The receiver-outage measurement: flapping devices, their interval, the outage.
+    pub outage_devices: u64,
+    pub outage_interval: Duration,
+    pub outage_for: Duration,
 }
 
 impl Scale {
@@ -94,6 +101,9 @@ impl Scale {
             sustained_devices: 1_000_000,
             sustained_interval: Duration::from_secs(60),
             sustained_for: Duration::from_secs(300),
+            outage_devices: 5_000,
+            outage_interval: Duration::from_secs(10),
+            outage_for: Duration::from_secs(600),
         }
     }
 
@@ -117,6 +127,9 @@ impl Scale {
             sustained_devices: 20_000,
             sustained_interval: Duration::from_secs(2),
             sustained_for: Duration::from_secs(12),
+            outage_devices: 500,
+            outage_interval: Duration::from_secs(1),
+            outage_for: Duration::from_secs(15),
         }
     }
 }
@@ -153,6 +166,8 @@ async fn main() -> Result<ExitCode> {
             "lag" => measure::lag(dir, scale, report).await,
             "storm" => measure::storm(dir, scale, report).await,
             "memory" => measure::memory(dir, scale, report).await,
+            "notify" => notify::storm(dir, scale, report).await,
+            "outage" => notify::outage(dir, scale, report).await,
             _ => measure::sustained(dir, scale, report).await,
         };
         // A failed measurement is reported and the rest still run.

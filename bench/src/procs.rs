@@ -186,12 +186,27 @@ impl Hub {
         broker: HubBroker<'_>,
         offline_after: Duration,
     ) -> Result<Self> {
+        Self::start_with(dir, db, broker, offline_after, None, &[]).await
+    }
+
+    /// As [`Hub::start`], with a configuration file and more environment.
+    pub async fn start_with(
+        dir: &Path,
+        db: &Path,
+        broker: HubBroker<'_>,
+        offline_after: Duration,
+        config: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let exe = std::env::current_exe()?
             .parent()
             .context("no parent directory")?
             .join("fleetwatch");
         let http_port = free_port()?;
         let mut command = Command::new(&exe);
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
         command
             .arg("serve")
             .env_clear()
@@ -210,6 +225,7 @@ impl Hub {
             // the registration limits, which guard against invented ids, are lifted.
             .env("FLEETWATCH_DEVICES__MAX_DEVICES", "0")
             .env("FLEETWATCH_DEVICES__REGISTRATION_RATE", "0")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(
                 dir.join(format!("hub-{http_port}.log")),
@@ -302,6 +318,28 @@ impl Hub {
 
     pub async fn stop(self) -> Result<()> {
         self.proc.stop(Duration::from_secs(15)).await
+    }
+
+    /// POSTs to the hub's API, without a body.
+    pub async fn post(&self, path: &str) -> Result<()> {
+        self.client
+            .post(format!("{}{path}", self.http))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    /// GETs a JSON document from the hub's API.
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+        Ok(self
+            .client
+            .get(format!("{}{path}", self.http))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
     }
 }
 

@@ -10,14 +10,17 @@ CREATE TABLE notify_sinks (
 ) WITHOUT ROWID;
 
 -- Each sink's queue: pending until delivered (then deleted) or given up on ('dead',
--- kept for an operator to retry or drop). `notice` is the JSON of what is sent, so a
--- delivery after a restart says what the first attempt said.
+-- kept for an operator to retry or drop). `body` is what is sent (the webhook's JSON,
+-- or the text), rendered once when queued: a delivery after a restart says exactly
+-- what the first attempt said, and sending costs no rendering.
 CREATE TABLE notifications (
     id              INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
     sink            TEXT    NOT NULL,
     event_seq       INTEGER NOT NULL,
     device_id       TEXT    NOT NULL,
-    notice          TEXT    NOT NULL,
+    event_id        TEXT    NOT NULL,
+    kind            TEXT    NOT NULL,
+    body            TEXT    NOT NULL,
     state           TEXT    NOT NULL CHECK (state IN ('pending', 'dead')),
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at INTEGER NOT NULL,
@@ -28,5 +31,7 @@ CREATE TABLE notifications (
 
 -- A device's oldest pending notification: the one that may be sent (order per device).
 CREATE INDEX notifications_device ON notifications (sink, device_id, state, id);
--- What is due, oldest first.
-CREATE INDEX notifications_due ON notifications (sink, state, next_attempt_at);
+-- The queue in order: what is due is read oldest first, stopping at a page (an index
+-- on next_attempt_at made every read sort the whole backlog: 9 ms against 1.5 ms at
+-- 10,000 pending).
+CREATE INDEX notifications_queue ON notifications (sink, state, id);

@@ -104,7 +104,7 @@ pub struct DeadLetterParams {
 pub struct DeadLetterView {
     id: i64,
     /// `device.offline`, `device.error`, `device.recovered`, ...
-    r#type: &'static str,
+    r#type: String,
     device_id: String,
     event_id: uuid::Uuid,
     created_at: Timestamp,
@@ -152,9 +152,9 @@ pub async fn dead_letters(
             .into_iter()
             .map(|l| DeadLetterView {
                 id: l.id,
-                r#type: l.notice.kind(),
-                device_id: l.notice.event.device_id.to_string(),
-                event_id: l.notice.event.event_id,
+                r#type: l.payload.kind,
+                device_id: l.payload.device_id.to_string(),
+                event_id: l.payload.event_id,
                 created_at: l.created_at,
                 attempts: l.attempts,
                 error: l.error,

@@ -31,7 +31,7 @@ use super::target::Outcome;
 use crate::clock::{Clock, Timestamp};
 use crate::health::Outage;
 use crate::status::Status;
-use crate::storage::notifications::{NewNotification, Queued, Settled};
+use crate::storage::notifications::{NewNotification, Payload, Queued, Settled};
 use crate::storage::{Store, StoreError, Stores};
 
 /// The first pause after a failed attempt; it doubles up to `notify.retry_max`.
@@ -40,6 +40,10 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 const IN_FLIGHT: usize = 16;
 /// Transitions read from the log per step.
 const PAGE: u32 = 500;
+/// Due notifications loaded per read of the store.
+const DUE_PAGE: u32 = 512;
+/// Answers written per transaction, at most.
+const RECORD_BATCH: usize = 256;
 /// How often a sink looks without being woken: for retries coming due, and for
 /// transitions written by another process (`fleetwatch check`).
 const POLL: Duration = Duration::from_millis(500);
@@ -259,14 +263,14 @@ impl Sinks {
         let sink = self.sink(name)?;
         let now = self.clock.now();
         let id = format!("test-{}", uuid::Uuid::now_v7());
-        let message = Message::Test {
+        let rendered = sink.spec.target.render(Message::Test {
             sink: name,
             at: now,
-        };
+        });
         let outcome = sink
             .spec
             .target
-            .send(&self.client, &id, message, now.unix_millis() / 1000)
+            .send(&self.client, &id, &rendered, now.unix_millis() / 1000)
             .await;
         Ok(match outcome {
             Outcome::Delivered { status } => TestResult {
@@ -388,88 +392,141 @@ impl Sinks {
     /// One sink's loop.
     async fn deliver(self: Arc<Self>, sink: Arc<Sink>, stop: CancellationToken) {
         let name = sink.spec.name.clone();
-        let mut cursor = match self.stores.notifications.sink_state(&name).await {
+        let cursor = match self.stores.notifications.sink_state(&name).await {
             Ok((cursor, _)) => cursor,
             Err(e) => {
                 tracing::error!(sink = %name, error = %e, "cannot read the sink's position; it stays idle");
                 return;
             }
         };
-        let mut in_flight = InFlight::default();
-        // In flight, or answered but not yet recorded: not to be sent again.
-        let mut flying: Vec<i64> = Vec::new();
-        let mut answered: Vec<Settled> = Vec::new();
-        let mut outage = Outage::default();
+        let mut run = Run {
+            cursor,
+            ..Run::default()
+        };
         let mut tick = time::interval(POLL);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut stopping: Option<Instant> = None;
         loop {
             if stopping.is_none() && sink.enabled.load(Relaxed) {
-                let step = self
-                    .take_new(&sink, &mut cursor)
-                    .await
-                    .and(self.dispatch(&sink, &mut in_flight, &mut flying).await);
-                match step {
+                match self.step(&sink, &mut run).await {
                     Ok(()) => {
-                        if let Some(lasted) = outage.ended() {
+                        if let Some(lasted) = run.outage.ended() {
                             tracing::info!(sink = %name, after_s = lasted.as_secs_f64(), "the sink's queue is readable again");
                         }
                     }
                     Err(e) => {
-                        if outage.failed() {
+                        run.look_again();
+                        if run.outage.failed() {
                             tracing::warn!(sink = %name, error = %e, "cannot read or write the sink's queue; retrying");
                         }
                     }
                 }
             }
-            if stopping.is_some() && in_flight.tasks.is_empty() {
+            if stopping.is_some() && run.in_flight.tasks.is_empty() {
                 break;
             }
             let deadline = stopping.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                Some(done) = in_flight.tasks.join_next_with_id(), if !in_flight.tasks.is_empty() => {
-                    let done = in_flight.finished(done, &mut flying);
-                    self.answered(&sink, done, &mut answered);
-                    while let Some(done) = in_flight.tasks.try_join_next_with_id() {
-                        let done = in_flight.finished(done, &mut flying);
-                        self.answered(&sink, done, &mut answered);
+                Some(done) = run.in_flight.tasks.join_next_with_id(), if !run.in_flight.tasks.is_empty() => {
+                    let done = run.in_flight.finished(done, &mut run.flying);
+                    self.answered(&sink, done, &mut run.answered);
+                    while let Some(done) = run.in_flight.tasks.try_join_next_with_id() {
+                        let done = run.in_flight.finished(done, &mut run.flying);
+                        self.answered(&sink, done, &mut run.answered);
+                    }
+                    // Answers are written in batches; a device's next notification can
+                    // only go once its predecessor's answer is written, so write as
+                    // soon as nothing else is left to send.
+                    let idle = run.queue.len() < IN_FLIGHT;
+                    if run.answered.len() >= RECORD_BATCH || idle {
+                        self.record(&mut run).await;
                     }
                 }
-                _ = sink.wake.notified(), if stopping.is_none() => {}
-                _ = tick.tick(), if stopping.is_none() => {}
+                _ = sink.wake.notified(), if stopping.is_none() => run.look_again(),
+                _ = tick.tick(), if stopping.is_none() => {
+                    run.look_again();
+                    self.record(&mut run).await;
+                }
                 _ = stop.cancelled(), if stopping.is_none() => {
                     stopping = Some(Instant::now() + STOP_WAIT);
                 }
                 _ = time::sleep_until(deadline), if stopping.is_some() => {
-                    in_flight.tasks.abort_all();
+                    run.in_flight.tasks.abort_all();
                     break;
                 }
             }
-            self.record(&mut answered, &mut flying).await;
         }
-        self.record(&mut answered, &mut flying).await;
-        if !answered.is_empty() {
-            tracing::warn!(sink = %name, answers = answered.len(), "stopping with answers unrecorded; those notifications are sent again at the next start");
+        self.record(&mut run).await;
+        if !run.answered.is_empty() {
+            tracing::warn!(sink = %name, answers = run.answered.len(), "stopping with answers unrecorded; those notifications are sent again at the next start");
         }
     }
 
-    /// Queues the transitions committed after `cursor` that the sink's filter matches.
-    async fn take_new(&self, sink: &Sink, cursor: &mut i64) -> Result<(), StoreError> {
+    /// Takes new transitions in, loads what is due, and sends up to the sink's share.
+    async fn step(&self, sink: &Arc<Sink>, run: &mut Run) -> Result<(), StoreError> {
+        if std::mem::take(&mut run.new_events) && self.take_new(sink, &mut run.cursor).await? {
+            run.due_in_store = true;
+        }
+        // Loaded before the queue runs dry, so the requests in flight never wait for
+        // the store.
+        if run.queue.len() < IN_FLIGHT * 2 && std::mem::take(&mut run.due_in_store) {
+            let due = self
+                .stores
+                .notifications
+                .due(&sink.spec.name, self.clock.now(), &run.flying, DUE_PAGE)
+                .await?;
+            // A full page: there may be more.
+            run.due_in_store = due.len() == DUE_PAGE as usize;
+            run.flying.extend(due.iter().map(|q| q.id));
+            run.queue.extend(due);
+        }
+        let sent_at = self.clock.now().unix_millis() / 1000;
+        while run.in_flight.tasks.len() < IN_FLIGHT {
+            let Some(queued) = run.queue.pop_front() else {
+                break;
+            };
+            let notification = queued.id;
+            let sink = Arc::clone(sink);
+            let client = self.client.clone();
+            let task = run.in_flight.tasks.spawn(async move {
+                let id = queued.payload.event_id.to_string();
+                let outcome = sink
+                    .spec
+                    .target
+                    .send(&client, &id, &queued.payload.body, sent_at)
+                    .await;
+                (queued, outcome)
+            });
+            run.in_flight.ids.insert(task.id(), notification);
+        }
+        Ok(())
+    }
+
+    /// Queues the transitions committed after `cursor` that the sink's filter matches;
+    /// true if it queued any.
+    async fn take_new(&self, sink: &Sink, cursor: &mut i64) -> Result<bool, StoreError> {
         let store = &self.stores.notifications;
         let name = &sink.spec.name;
         if sink.reload.swap(false, Relaxed) {
             *cursor = store.sink_state(name).await?.0;
         }
+        let mut queued = false;
         loop {
             let events = store.events_after(*cursor, PAGE).await?;
             let Some(last) = events.last().map(|e| e.seq) else {
-                return Ok(());
+                return Ok(queued);
             };
             let mut items = Vec::new();
             for stored in events.iter().filter(|e| sink.spec.filter.matches(&e.event)) {
+                let notice = self.notice(stored).await?;
                 items.push(NewNotification {
                     event_seq: stored.seq,
-                    notice: self.notice(stored).await?,
+                    payload: Payload {
+                        device_id: notice.event.device_id.clone(),
+                        event_id: notice.event.event_id,
+                        kind: notice.kind().to_string(),
+                        body: sink.spec.target.render(Message::Notice(&notice)),
+                    },
                 });
             }
             if store
@@ -477,15 +534,13 @@ impl Sinks {
                 .await?
             {
                 *cursor = last;
-                if !items.is_empty() {
-                    sink.wake.notify_one();
-                }
+                queued |= !items.is_empty();
             } else {
                 // Another process moved the cursor: start from where it left it.
                 *cursor = store.sink_state(name).await?.0;
             }
             if events.len() < PAGE as usize {
-                return Ok(());
+                return Ok(queued);
             }
         }
     }
@@ -514,43 +569,6 @@ impl Sinks {
             down_since,
             error,
         })
-    }
-
-    /// Sends what is due, up to the sink's share of requests in flight.
-    async fn dispatch(
-        &self,
-        sink: &Arc<Sink>,
-        in_flight: &mut InFlight,
-        flying: &mut Vec<i64>,
-    ) -> Result<(), StoreError> {
-        let room = IN_FLIGHT.saturating_sub(in_flight.tasks.len());
-        if room == 0 {
-            return Ok(());
-        }
-        let now = self.clock.now();
-        let due = self
-            .stores
-            .notifications
-            .due(&sink.spec.name, now, flying, room as u32)
-            .await?;
-        for queued in due {
-            flying.push(queued.id);
-            let notification = queued.id;
-            let sink = Arc::clone(sink);
-            let client = self.client.clone();
-            let sent_at = now.unix_millis() / 1000;
-            let task = in_flight.tasks.spawn(async move {
-                let id = queued.notice.event.event_id.to_string();
-                let outcome = sink
-                    .spec
-                    .target
-                    .send(&client, &id, Message::Notice(&queued.notice), sent_at)
-                    .await;
-                (queued, outcome)
-            });
-            in_flight.ids.insert(task.id(), notification);
-        }
-        Ok(())
     }
 
     /// Turns an answer into what to record.
@@ -607,7 +625,7 @@ impl Sinks {
     }
 
     fn failed(&self, sink: &Sink, queued: &Queued, error: &str, wait: Duration) {
-        tracing::debug!(sink = %sink.spec.name, device_id = %queued.notice.event.device_id, error, retry_in_ms = wait.as_millis() as u64, "notification not delivered; retrying");
+        tracing::debug!(sink = %sink.spec.name, device_id = %queued.payload.device_id, error, retry_in_ms = wait.as_millis() as u64, "notification not delivered; retrying");
         let first = sink
             .last
             .lock()
@@ -625,23 +643,72 @@ impl Sinks {
         }
         tracing::warn!(
             sink = %sink.spec.name,
-            device_id = %queued.notice.event.device_id,
-            event_id = %queued.notice.event.event_id,
+            device_id = %queued.payload.device_id,
+            event_id = %queued.payload.event_id,
             error,
             "notification given up on (dead letter)"
         );
     }
 
-    /// Writes the answers down; those written are no longer in flight.
-    async fn record(&self, answered: &mut Vec<Settled>, flying: &mut Vec<i64>) {
-        if answered.is_empty() {
+    /// Writes the answers down; those written are no longer in flight, and the
+    /// notifications behind them may be due.
+    async fn record(&self, run: &mut Run) {
+        if run.answered.is_empty() {
             return;
         }
-        if self.stores.notifications.settle(answered).await.is_ok() {
-            let done: Vec<i64> = answered.iter().map(settled_id).collect();
-            flying.retain(|id| !done.contains(id));
-            answered.clear();
+        if self
+            .stores
+            .notifications
+            .settle(&run.answered)
+            .await
+            .is_ok()
+        {
+            let done: std::collections::HashSet<i64> =
+                run.answered.iter().map(settled_id).collect();
+            run.flying.retain(|id| !done.contains(id));
+            run.answered.clear();
+            run.due_in_store = true;
         }
+    }
+}
+
+/// A sink loop's state.
+struct Run {
+    /// Its position in the event log.
+    cursor: i64,
+    /// The log may hold transitions past `cursor`.
+    new_events: bool,
+    /// The store may hold due notifications not loaded into `queue`.
+    due_in_store: bool,
+    /// Loaded, due, not yet sent.
+    queue: std::collections::VecDeque<Queued>,
+    in_flight: InFlight,
+    /// Loaded, in flight, or answered but not yet recorded: not to be loaded again.
+    flying: Vec<i64>,
+    answered: Vec<Settled>,
+    outage: Outage,
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Self {
+            cursor: 0,
+            new_events: true,
+            due_in_store: true,
+            queue: Default::default(),
+            in_flight: InFlight::default(),
+            flying: Vec::new(),
+            answered: Vec::new(),
+            outage: Outage::default(),
+        }
+    }
+}
+
+impl Run {
+    /// Woken, or a poll: look at the log and the store again.
+    fn look_again(&mut self) {
+        self.new_events = true;
+        self.due_in_store = true;
     }
 }
 

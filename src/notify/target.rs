@@ -66,17 +66,21 @@ impl Target {
         }
     }
 
-    /// Sends one message. `id` is its idempotency key: the same on every retry.
-    pub async fn send(
-        &self,
-        client: &Client,
-        id: &str,
-        message: Message<'_>,
-        now_s: i64,
-    ) -> Outcome {
+    /// A message as this kind of receiver is sent it: the webhook's JSON, or the text.
+    /// Rendered once, when a notification is queued.
+    pub fn render(&self, message: Message<'_>) -> String {
+        match self {
+            Target::Webhook { .. } => String::from_utf8(message.webhook_body()).unwrap_or_default(),
+            Target::Telegram { .. } | Target::Slack { .. } => message.text(),
+        }
+    }
+
+    /// Sends one rendered message. `id` is its idempotency key: the same on every
+    /// retry.
+    pub async fn send(&self, client: &Client, id: &str, rendered: &str, now_s: i64) -> Outcome {
         let request = match self {
             Target::Webhook { url, key } => {
-                let body = message.webhook_body();
+                let body = rendered.as_bytes().to_vec();
                 let signature = key.sign(id, now_s, &body);
                 client
                     .post(url.url().clone())
@@ -98,13 +102,13 @@ impl Target {
                 );
                 client.post(url).json(&serde_json::json!({
                     "chat_id": chat_id,
-                    "text": message.text(),
+                    "text": rendered,
                     "disable_web_page_preview": true,
                 }))
             }
             Target::Slack { url } => client
                 .post(url.url().clone())
-                .json(&serde_json::json!({ "text": message.text() })),
+                .json(&serde_json::json!({ "text": rendered })),
         };
         match request.send().await {
             Ok(response) => {

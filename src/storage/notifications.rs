@@ -8,21 +8,32 @@ use super::StoreError;
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::event::StoredEvent;
-use crate::notify::message::Notice;
+
+/// One notification as its sink sends it.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct Payload {
+    pub device_id: DeviceId,
+    /// The transition's event id: the idempotency key.
+    pub event_id: uuid::Uuid,
+    /// `device.offline`, `device.recovered`, ...
+    pub kind: String,
+    /// The request body (webhook JSON) or the text (Telegram, Slack).
+    pub body: String,
+}
 
 /// A notification to queue for a sink.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewNotification {
     /// The transition's position in the event log.
     pub event_seq: i64,
-    pub notice: Notice,
+    pub payload: Payload,
 }
 
 /// A queued notification.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Queued {
     pub id: i64,
-    pub notice: Notice,
+    pub payload: Payload,
     /// Attempts made so far.
     pub attempts: u32,
     pub created_at: Timestamp,
@@ -32,7 +43,7 @@ pub struct Queued {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
     pub id: i64,
-    pub notice: Notice,
+    pub payload: Payload,
     pub attempts: u32,
     pub created_at: Timestamp,
     pub error: String,
