@@ -9,8 +9,9 @@
 //!
 //! Failures: 408, 429, 5xx and no answer are tried again after a pause that doubles
 //! from a second up to `notify.retry_max`, with jitter (or what the receiver asked
-//! for); other 4xx, and anything older than `notify.max_age`, go to the dead letters,
-//! and that device's next notification moves up.
+//! for); the first success after failures makes everything waiting due at once; other
+//! 4xx, and anything older than `notify.max_age`, go to the dead letters, and that
+//! device's next notification moves up.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -78,6 +79,8 @@ struct Sink {
     failed: AtomicU64,
     dead: AtomicU64,
     last: Mutex<Last>,
+    /// Attempts have failed since the last delivery.
+    failing: AtomicBool,
 }
 
 #[derive(Default)]
@@ -150,6 +153,7 @@ impl Sinks {
                 failed: AtomicU64::new(0),
                 dead: AtomicU64::new(0),
                 last: Mutex::new(Last::default()),
+                failing: AtomicBool::new(false),
             }));
         }
         // The receivers' answers decide; a redirect is not followed (a POST would
@@ -429,10 +433,15 @@ impl Sinks {
             tokio::select! {
                 Some(done) = run.in_flight.tasks.join_next_with_id(), if !run.in_flight.tasks.is_empty() => {
                     let done = run.in_flight.finished(done, &mut run.flying);
-                    self.answered(&sink, done, &mut run.answered);
+                    self.answered(&sink, done, &mut run.answered, &mut run.back);
                     while let Some(done) = run.in_flight.tasks.try_join_next_with_id() {
                         let done = run.in_flight.finished(done, &mut run.flying);
-                        self.answered(&sink, done, &mut run.answered);
+                        self.answered(&sink, done, &mut run.answered, &mut run.back);
+                    }
+                    // The receiver is back after failures: what waits for a retry is
+                    // tried now, not at its backoff's end (up to notify.retry_max).
+                    if std::mem::take(&mut run.back) {
+                        self.receiver_back(&sink, &mut run).await;
                     }
                     // Answers are written in batches; a device's next notification can
                     // only go once its predecessor's answer is written, so write as
@@ -572,7 +581,14 @@ impl Sinks {
     }
 
     /// Turns an answer into what to record.
-    fn answered(&self, sink: &Sink, done: Option<(Queued, Outcome)>, answered: &mut Vec<Settled>) {
+    /// `back`: set when this answer is the first success after failures.
+    fn answered(
+        &self,
+        sink: &Sink,
+        done: Option<(Queued, Outcome)>,
+        answered: &mut Vec<Settled>,
+        back: &mut bool,
+    ) {
         let Some((queued, outcome)) = done else {
             return;
         };
@@ -581,6 +597,9 @@ impl Sinks {
         let settled = match outcome {
             Outcome::Delivered { .. } => {
                 sink.delivered.fetch_add(1, Relaxed);
+                if sink.failing.swap(false, Relaxed) {
+                    *back = true;
+                }
                 if let Ok(mut last) = sink.last.lock() {
                     last.success_at = Some(now);
                 }
@@ -588,6 +607,7 @@ impl Sinks {
             }
             Outcome::Retry { error, after } => {
                 sink.failed.fetch_add(1, Relaxed);
+                sink.failing.store(true, Relaxed);
                 let age = Duration::from_millis(now.millis_since(queued.created_at).max(0) as u64);
                 if age >= self.pacing.max_age {
                     let error = format!(
@@ -650,6 +670,26 @@ impl Sinks {
         );
     }
 
+    async fn receiver_back(&self, sink: &Sink, run: &mut Run) {
+        // Recorded first: an answer recorded after would put its notification back
+        // at the end of its backoff.
+        self.record(run).await;
+        match self
+            .stores
+            .notifications
+            .due_now(&sink.spec.name, self.clock.now())
+            .await
+        {
+            Ok(moved) => {
+                tracing::info!(sink = %sink.spec.name, retried_now = moved, "the receiver answers again; sending what waited");
+                run.due_in_store = true;
+            }
+            Err(e) => {
+                tracing::warn!(sink = %sink.spec.name, error = %e, "could not bring waiting notifications forward")
+            }
+        }
+    }
+
     /// Writes the answers down; those written are no longer in flight, and the
     /// notifications behind them may be due.
     async fn record(&self, run: &mut Run) {
@@ -687,6 +727,8 @@ struct Run {
     flying: Vec<i64>,
     answered: Vec<Settled>,
     outage: Outage,
+    /// A delivery succeeded after failures.
+    back: bool,
 }
 
 impl Default for Run {
@@ -700,6 +742,7 @@ impl Default for Run {
             flying: Vec::new(),
             answered: Vec::new(),
             outage: Outage::default(),
+            back: false,
         }
     }
 }

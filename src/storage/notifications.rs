@@ -125,6 +125,9 @@ pub trait NotificationStore: Send + Sync + 'static {
     /// Records attempts' outcomes.
     async fn settle(&self, outcomes: &[Settled]) -> Result<(), StoreError>;
 
+    /// Makes every pending notification of the sink due now (its receiver is back).
+    async fn due_now(&self, sink: &str, now: Timestamp) -> Result<u64, StoreError>;
+
     async fn queue_stats(&self, sink: &str) -> Result<QueueStats, StoreError>;
 
     /// A page of dead letters, oldest first, after `after_id`.

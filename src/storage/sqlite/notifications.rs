@@ -240,6 +240,21 @@ impl NotificationStore for SqliteStore {
         tx.commit().await
     }
 
+    async fn due_now(&self, sink: &str, now: Timestamp) -> Result<u64, StoreError> {
+        let mut tx = self.write().await?;
+        let moved = sqlx::query(
+            "UPDATE notifications SET next_attempt_at = ?2 \
+             WHERE sink = ?1 AND state = 'pending' AND next_attempt_at > ?2",
+        )
+        .bind(sink)
+        .bind(now.unix_millis())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(moved)
+    }
+
     async fn queue_stats(&self, sink: &str) -> Result<QueueStats, StoreError> {
         let row = sqlx::query(
             "SELECT \
@@ -476,6 +491,12 @@ mod tests {
                 .await
                 .expect("due")
                 .len(),
+            2
+        );
+        // The receiver is back: what waited for its retry is due at once.
+        assert_eq!(store.due_now("ops", at(1)).await.expect("due now"), 1);
+        assert_eq!(
+            store.due("ops", at(1), &[], 10).await.expect("due").len(),
             2
         );
 
