@@ -151,7 +151,12 @@ impl HeartbeatHandler {
     /// Runs until every sender of `queue` is gone, then commits what is left. `Err`
     /// says what could not be committed by then.
     pub async fn run(mut self, mut queue: mpsc::Receiver<Inbound>) -> Result<(), Unsaved> {
-        let mut ticker = time::interval(self.limits.flush_interval);
+        // The first tick one interval from now, not at once: a tick racing the first
+        // messages would flush them outside the shutdown's bounded window.
+        let mut ticker = time::interval_at(
+            Instant::now() + self.limits.flush_interval,
+            self.limits.flush_interval,
+        );
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut chunk = Vec::with_capacity(RECV_CHUNK);
         loop {
