@@ -20,10 +20,10 @@ use crate::checker::Listening;
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
-use crate::heartbeat::batch::DeviceUpdate;
 use crate::mqtt::broker;
 use crate::registration::NewDevices;
 use crate::storage::{Applied, Device, DeviceQuery, OutboxItem, Store, StoreError, Summary};
+use crate::update::DeviceUpdate;
 
 /// How long a broker probe result is reused: health checks may come often.
 const PROBE_CACHE: Duration = Duration::from_secs(1);

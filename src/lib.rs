@@ -9,8 +9,10 @@
 //! - [`mqtt::broker`]: the embedded broker (rumqttd), unless an external one is used.
 //! - [`mqtt::subscriber`]: subscribes, validates topic ([`device`]) and payload
 //!   ([`heartbeat::payload`]), and queues what is valid.
-//! - [`heartbeat::handler`]: batches and coalesces ([`heartbeat::batch`]) and commits
-//!   through the [`storage`] trait; the [`status`] machine decides every transition.
+//! - [`heartbeat::handler`]: coalesces per device ([`update`]) and commits each flush
+//!   through the [`storage`] trait. A store reads the devices a flush names, [`rules`]
+//!   decides the rows and events (the [`status`] machine every transition), and the
+//!   store writes them.
 //! - [`checker`]: takes silent devices offline with one conditional update per pass.
 //! - [`alerts`]: committed transitions are logged, counted and wake the sinks.
 //! - [`mqtt::publisher`]: publishes the outbox ([`event`]) and marks what the broker
@@ -36,5 +38,7 @@ pub mod mqtt;
 pub mod notify;
 pub mod open_files;
 pub mod registration;
+pub mod rules;
 pub mod status;
 pub mod storage;
+pub mod update;

@@ -1,8 +1,9 @@
 //! The status model of interface.md section 4, as one pure function.
 //!
-//! Every component that changes a device's status (the heartbeat handler, the offline
-//! checker, registration) asks [`transition`] what happens, so the rules live in one
-//! place and the stores only persist what it decides.
+//! Every change of a device's status (a flush of heartbeats and Wills, the offline
+//! check, a registration) goes through [`transition`], so the rules live in one place;
+//! [`crate::rules`] applies it to the devices a store reads, and the stores only
+//! persist what it decides.
 
 use std::fmt;
 use std::str::FromStr;

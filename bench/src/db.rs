@@ -7,10 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use fleetwatch::clock::Timestamp;
 use fleetwatch::device::DeviceId;
-use fleetwatch::heartbeat::batch::Batch;
-use fleetwatch::heartbeat::{Heartbeat, Report};
 use fleetwatch::storage::Store;
 use fleetwatch::storage::sqlite::SqliteStore;
+use fleetwatch::update::{Batch, Heartbeat, Report};
 use sqlx::sqlite::{SqlitePool, SqlitePoolOptions};
 use sqlx::{QueryBuilder, Sqlite};
 

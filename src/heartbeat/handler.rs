@@ -19,7 +19,6 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{self, Instant, MissedTickBehavior};
 
-use super::batch::Batch;
 use super::{Inbound, Outcome, Receipt, RejectLog, RejectReason};
 use crate::alerts::AlertChannel;
 use crate::device::DeviceId;
@@ -27,6 +26,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::registration::{NewDevices, Policy, RateLimit, Refusal};
 use crate::storage::{Applied, Store};
+use crate::update::Batch;
 
 /// Messages taken from the queue per wake-up.
 const RECV_CHUNK: usize = 1024;
@@ -409,8 +409,8 @@ mod tests {
     use super::*;
     use crate::clock::Timestamp;
     use crate::health::Thresholds;
-    use crate::heartbeat::Heartbeat;
     use crate::storage::fake::FakeStore;
+    use crate::update::Heartbeat;
 
     const FLUSH: Duration = Duration::from_millis(250);
 

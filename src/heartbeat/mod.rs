@@ -1,11 +1,10 @@
 //! From a received message to a committed status change.
 //!
 //! [`payload`] turns bytes into a [`Heartbeat`] or a [`RejectReason`]; [`Inbound`] is
-//! what the MQTT subscriber (and later the HTTP endpoint) hands to the
-//! [`HeartbeatHandler`] over a bounded queue; [`batch`] coalesces what arrives between
-//! flushes so one database row is written per device per flush.
+//! what the MQTT subscriber and the HTTP endpoint hand to the [`HeartbeatHandler`] over
+//! a bounded queue; the handler coalesces what arrives between flushes in a
+//! [`Batch`](crate::update::Batch) and commits it.
 
-pub mod batch;
 pub mod handler;
 pub mod payload;
 mod reject;
@@ -15,9 +14,10 @@ use tokio::sync::oneshot;
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::registration::Refusal;
+use crate::update::Heartbeat;
 pub use handler::{FlushError, FlushHandle, HeartbeatHandler, Limits, Unsaved};
+pub use payload::PayloadError;
 pub(crate) use payload::Wire as HeartbeatPayload;
-pub use payload::{Heartbeat, PayloadError, Report};
 pub use reject::{RejectLog, RejectReason};
 
 /// What became of a heartbeat whose sender waits to hear (HTTP).

@@ -3,10 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::RejectReason;
 use crate::clock::Timestamp;
+use crate::update::{Heartbeat, OsInfo, Report};
 
 /// Default cap on a heartbeat payload (`mqtt.max_payload`).
 pub const DEFAULT_MAX_PAYLOAD: usize = 64 * 1024;
@@ -23,85 +24,6 @@ pub const MAX_ERROR_TEXT: usize = 1024;
 /// Most entries accepted in `metrics`. Without these caps one 64 KiB heartbeat could
 /// take most of a megabyte once parsed, queued and batched.
 pub const MAX_METRICS: usize = 64;
-
-/// A valid heartbeat. The receipt time is not here: it is the hub's, added by whoever
-/// received the message.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Heartbeat {
-    /// False when the device said `"status":"error"`.
-    pub healthy: bool,
-    /// The device's error text; only kept with `"status":"error"`.
-    pub error: Option<String>,
-    /// The device's own clock (`timestamp`), kept so skew can be shown.
-    pub device_time: Option<Timestamp>,
-    pub report: Report,
-}
-
-/// What a device reports about itself. Fields it leaves out keep their stored value.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Report {
-    pub uptime_seconds: Option<u64>,
-    pub free_memory: Option<u64>,
-    pub firmware_version: Option<String>,
-    pub hostname: Option<String>,
-    pub os_info: Option<OsInfo>,
-    pub metrics: Option<BTreeMap<String, f64>>,
-}
-
-impl Report {
-    /// About how much memory the report's text and metrics take.
-    pub fn approx_bytes(&self) -> usize {
-        let text = |t: &Option<String>| t.as_ref().map_or(0, String::len);
-        let os = self.os_info.as_ref().map_or(0, |os| {
-            text(&os.distribution) + text(&os.version) + text(&os.kernel) + text(&os.architecture)
-        });
-        let metrics = self
-            .metrics
-            .as_ref()
-            .map_or(0, |m| m.keys().map(|name| name.len() + 48).sum::<usize>());
-        text(&self.firmware_version) + text(&self.hostname) + os + metrics
-    }
-
-    /// Overlays the fields `newer` carries onto `self`.
-    pub fn merge(&mut self, newer: Report) {
-        let Report {
-            uptime_seconds,
-            free_memory,
-            firmware_version,
-            hostname,
-            os_info,
-            metrics,
-        } = newer;
-        overlay(&mut self.uptime_seconds, uptime_seconds);
-        overlay(&mut self.free_memory, free_memory);
-        overlay(&mut self.firmware_version, firmware_version);
-        overlay(&mut self.hostname, hostname);
-        overlay(&mut self.os_info, os_info);
-        overlay(&mut self.metrics, metrics);
-    }
-}
-
-fn overlay<T>(slot: &mut Option<T>, newer: Option<T>) {
-    if newer.is_some() {
-        *slot = newer;
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct OsInfo {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(max_length = 256)]
-    pub distribution: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(max_length = 256)]
-    pub version: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(max_length = 256)]
-    pub kernel: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(max_length = 256)]
-    pub architecture: Option<String>,
-}
 
 /// Why a payload is not a heartbeat.
 #[derive(Debug, thiserror::Error)]

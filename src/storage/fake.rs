@@ -10,9 +10,9 @@ use super::{Applied, Device, DeviceQuery, OutboxItem, Store, StoreError, Summary
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
-use crate::heartbeat::batch::DeviceUpdate;
 use crate::registration::NewDevices;
 use crate::status::{Signal, Status, transition};
+use crate::update::DeviceUpdate;
 
 #[derive(Default)]
 pub struct FakeStore {

@@ -1,7 +1,11 @@
 //! Persistence: devices, their transitions and the outbox of status events, behind one
 //! trait so SQLite (one machine) and PostgreSQL (several hubs) can each use their own
-//! SQL. Each implementation applies the rules of [`crate::status::transition`]; none
-//! has its own.
+//! SQL.
+//!
+//! A backend only reads and writes. What a flush changes is decided by
+//! [`crate::rules`] between the backend's read and its write, and which devices the
+//! offline check takes by the transitions [`crate::rules::timeouts`] lists; no backend
+//! has rules of its own.
 
 mod error;
 #[cfg(test)]
@@ -18,10 +22,9 @@ pub use notifications::NotificationStore;
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
-use crate::heartbeat::Report;
-use crate::heartbeat::batch::DeviceUpdate;
 use crate::registration::{NewDevices, Refusal};
 use crate::status::Status;
+use crate::update::{DeviceUpdate, Report};
 
 /// A device as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -44,16 +47,17 @@ pub struct Device {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Applies a flush atomically: every device's signals go through the status
-    /// machine, rows and reported fields are written, and each transition's event is
-    /// added to the outbox in the same transaction. Unknown devices are registered as
-    /// [`crate::registration::admit`] decides under `new`; the refused ones are left
-    /// out and returned.
+    /// Applies a flush atomically, as [`crate::rules`] decides from the stored rows:
+    /// rows and reported fields are written (a field an update leaves out keeps its
+    /// stored value), and each transition's event is added to the outbox in the same
+    /// transaction. Unknown devices are registered as [`crate::registration::admit`]
+    /// decides under `new`; the refused ones are left out and returned.
     async fn apply(&self, updates: &[DeviceUpdate], new: NewDevices)
     -> Result<Applied, StoreError>;
 
-    /// Takes every online or error device last seen before `cutoff` offline, at `now`,
-    /// in one transaction, and returns their events. A device is taken by exactly one
+    /// Takes every device in a watched status (online, error: the transitions of
+    /// [`crate::rules::timeouts`]) last seen before `cutoff` offline, at `now`, in one
+    /// transaction, and returns their events. A device is taken by exactly one
     /// caller even when several run at once.
     async fn mark_offline(
         &self,
@@ -161,6 +165,11 @@ impl Summary {
         }
     }
 }
+
+/// The `reason` of a tombstone in the log of status events: the row that clears a
+/// deleted device's retained status ([`OutboxEntry::Clear`]), in outbox order. No
+/// [`crate::status::Reason`] has this word; tombstones are never shown as history.
+pub(crate) const TOMBSTONE: &str = "deleted";
 
 /// What the publisher sends for one outbox entry.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,4 +1,5 @@
-//! The SQLite store: one file, WAL, `synchronous=NORMAL`.
+//! The SQLite store: one file, WAL, `synchronous=NORMAL`. It reads and writes;
+//! [`crate::rules`] decides what a flush writes.
 //!
 //! Every write runs in a `BEGIN IMMEDIATE` transaction, so writers queue on SQLite's
 //! lock (with a busy timeout) instead of failing when a read has to become a write.
@@ -25,14 +26,16 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
-use super::{Applied, Device, DeviceQuery, OutboxEntry, OutboxItem, Store, StoreError, Summary};
+use super::{
+    Applied, Device, DeviceQuery, OutboxEntry, OutboxItem, Store, StoreError, Summary, TOMBSTONE,
+};
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
-use crate::heartbeat::Report;
-use crate::heartbeat::batch::{DeviceUpdate, Step};
 use crate::registration::{self, NewDevices};
+use crate::rules::{self, Current, Decision, Refresh};
 use crate::status::{self, Signal, Status};
+use crate::update::{DeviceUpdate, Report};
 
 /// How long a writer waits for another to finish before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -143,26 +146,6 @@ impl Drop for WriteTx {
     }
 }
 
-/// A device's state as the status machine needs it.
-struct Current {
-    status: Status,
-    last_seen: Option<i64>,
-    status_changed_at: i64,
-    error: Option<String>,
-}
-
-/// One row of the batched upsert.
-struct DeviceRow<'a> {
-    id: &'a str,
-    status: &'static str,
-    seen: Option<i64>,
-    changed: i64,
-    device_time: Option<i64>,
-    clock_skew_ms: Option<i64>,
-    error: Option<&'a str>,
-    report: &'a Report,
-}
-
 /// A report's columns, ready to bind (nested objects as JSON text).
 struct ReportColumns {
     uptime: Option<i64>,
@@ -207,25 +190,6 @@ impl ReportColumns {
             .push_bind(self.hostname)
             .push_bind(self.os_info)
             .push_bind(self.metrics);
-    }
-}
-
-/// The status a batch entry leaves its device in when nothing changes: a device that
-/// only sent heartbeats of one kind since the last flush. Such devices are refreshed
-/// in place, conditionally, without reading them first.
-fn steady_status(update: &DeviceUpdate) -> Option<Status> {
-    match update.steps.as_slice() {
-        [
-            Step {
-                signal: Signal::Heartbeat { healthy },
-                ..
-            },
-        ] => Some(if *healthy {
-            Status::Online
-        } else {
-            Status::Error
-        }),
-        _ => None,
     }
 }
 
@@ -290,9 +254,6 @@ macro_rules! device_columns {
     };
 }
 
-/// The `reason` of a tombstone row: see migration 2.
-const TOMBSTONE: &str = "deleted";
-
 /// Largest chunk of rows per statement: 1024 rows of 14 columns stay well under
 /// SQLite's 32,766 bound parameters.
 const MAX_CHUNK: usize = 1024;
@@ -315,23 +276,27 @@ fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
-async fn upsert_devices(tx: &mut WriteTx, rows: &[DeviceRow<'_>]) -> Result<(), StoreError> {
+/// Writes the rows [`rules::decide`] returned: inserted, or updated where a device
+/// exists (a column the update leaves NULL keeps its stored value).
+async fn upsert_devices(tx: &mut WriteTx, rows: &[rules::Row<'_>]) -> Result<(), StoreError> {
     for chunk in chunks(rows) {
         let reports = chunk
             .iter()
-            .map(|row| ReportColumns::new(row.report))
+            .map(|row| ReportColumns::new(&row.update.report))
             .collect::<Result<Vec<_>, _>>()?;
         let mut query = QueryBuilder::<Sqlite>::new(INSERT_DEVICES);
         query.push_values(chunk.iter().zip(reports), |mut values, (row, report)| {
+            let seen = row.update.last_seen.map(Timestamp::unix_millis);
+            let changed = row.status_changed_at.unix_millis();
             values
-                .push_bind(row.id.to_string())
-                .push_bind(row.status)
-                .push_bind(row.seen)
-                .push_bind(row.seen)
-                .push_bind(row.changed)
-                .push_bind(row.changed)
-                .push_bind(row.device_time)
-                .push_bind(row.clock_skew_ms)
+                .push_bind(row.update.device.to_string())
+                .push_bind(row.status.as_str())
+                .push_bind(seen)
+                .push_bind(seen)
+                .push_bind(changed)
+                .push_bind(changed)
+                .push_bind(row.update.device_time.map(Timestamp::unix_millis))
+                .push_bind(row.update.clock_skew_ms)
                 .push_bind(row.error.map(str::to_string));
             report.bind(&mut values);
         });
@@ -341,35 +306,34 @@ async fn upsert_devices(tx: &mut WriteTx, rows: &[DeviceRow<'_>]) -> Result<(), 
     Ok(())
 }
 
-/// Refreshes devices that are still in their [`steady_status`]: last_seen_at and the
-/// reported fields, nothing else. The status condition is checked inside the write, so
-/// a device whose status changed meanwhile (another process took it offline) is not
-/// touched. Returns the ids it refreshed.
-/// Refreshes, in place, the devices whose status stays as it is, and returns the ids
-/// of those it could not (their stored status differs, or they are unknown): they
-/// take the full path. One UPDATE per chunk; only a chunk that did not update every
-/// row is looked at again, inside the same write transaction.
+/// Makes the [`rules::steady`] refreshes, in place, where the stored status is still
+/// the expected one (the condition is checked inside the write, so a device another
+/// process took offline meanwhile is not touched), and returns the ids of those it
+/// could not (their stored status differs, or they are unknown): they take the full
+/// path. One UPDATE per chunk; only a chunk that did not update every row is looked at
+/// again, inside the same write transaction.
 async fn refresh_steady(
     tx: &mut WriteTx,
-    updates: &[(&DeviceUpdate, Status)],
+    refreshes: &[Refresh<'_>],
 ) -> Result<std::collections::HashSet<String>, StoreError> {
     let mut missed = std::collections::HashSet::new();
-    for chunk in chunks(updates) {
+    for chunk in chunks(refreshes) {
         let reports = chunk
             .iter()
-            .map(|(update, _)| ReportColumns::new(&update.report))
+            .map(|refresh| ReportColumns::new(&refresh.update.report))
             .collect::<Result<Vec<_>, _>>()?;
         let mut query = QueryBuilder::<Sqlite>::new(REFRESH_STEADY);
         query.push_values(
             chunk.iter().zip(reports),
-            |mut values, ((update, status), report)| {
+            |mut values, (refresh, report)| {
+                let update = refresh.update;
                 values
                     .push_bind(update.device.to_string())
-                    .push_bind(status.as_str())
+                    .push_bind(refresh.status.as_str())
                     .push_bind(update.last_seen.map(Timestamp::unix_millis))
                     .push_bind(update.device_time.map(Timestamp::unix_millis))
                     .push_bind(update.clock_skew_ms)
-                    .push_bind(update.error.clone().flatten());
+                    .push_bind(refresh.error.map(str::to_string));
                 report.bind(&mut values);
             },
         );
@@ -380,12 +344,12 @@ async fn refresh_steady(
         }
         if refreshed == 0 {
             // Typically a chunk of new devices: nothing to tell apart.
-            missed.extend(chunk.iter().map(|(u, _)| u.device.to_string()));
+            missed.extend(chunk.iter().map(|r| r.update.device.to_string()));
             continue;
         }
         // The fast path leaves statuses alone, so a row refreshed above still holds the
         // status it was matched on.
-        let ids: Vec<&str> = chunk.iter().map(|(u, _)| u.device.as_str()).collect();
+        let ids: Vec<&str> = chunk.iter().map(|r| r.update.device.as_str()).collect();
         let mut stored = HashMap::with_capacity(chunk.len());
         for row in sqlx::query(SELECT_CURRENT)
             .bind(to_json(&ids)?)
@@ -397,13 +361,38 @@ async fn refresh_steady(
                 parse_status(&row, "status")?,
             );
         }
-        for (update, status) in chunk {
-            if stored.get(update.device.as_str()) != Some(status) {
-                missed.insert(update.device.to_string());
+        for refresh in chunk {
+            if stored.get(refresh.update.device.as_str()) != Some(&refresh.status) {
+                missed.insert(refresh.update.device.to_string());
             }
         }
     }
     Ok(missed)
+}
+
+/// The stored state of the devices `updates` name, by id; unknown ones are absent.
+async fn read_current(
+    tx: &mut WriteTx,
+    updates: &[&DeviceUpdate],
+) -> Result<HashMap<String, Current>, StoreError> {
+    let ids: Vec<&str> = updates.iter().map(|u| u.device.as_str()).collect();
+    let mut current = HashMap::with_capacity(updates.len());
+    for row in sqlx::query(SELECT_CURRENT)
+        .bind(to_json(&ids)?)
+        .fetch_all(&mut **tx)
+        .await?
+    {
+        current.insert(
+            row.try_get("device_id")?,
+            Current {
+                status: parse_status(&row, "status")?,
+                last_seen_at: timestamp(&row, "last_seen_at")?,
+                status_changed_at: required_timestamp(&row, "status_changed_at")?,
+                error: row.try_get("error")?,
+            },
+        );
+    }
+    Ok(current)
 }
 
 async fn insert_events(tx: &mut WriteTx, events: &[StatusEvent]) -> Result<(), StoreError> {
@@ -453,109 +442,25 @@ impl Store for SqliteStore {
         let mut tx = self.write().await?;
         // Most of a flush is devices that keep their status: refresh those in place,
         // then read, decide and write only the rest.
-        let steady: Vec<_> = updates
-            .iter()
-            .filter_map(|u| steady_status(u).map(|status| (u, status)))
-            .collect();
+        let steady: Vec<Refresh<'_>> = updates.iter().filter_map(rules::steady).collect();
         let missed = refresh_steady(&mut tx, &steady).await?;
         let updates: Vec<&DeviceUpdate> = updates
             .iter()
-            .filter(|u| steady_status(u).is_none() || missed.contains(u.device.as_str()))
+            .filter(|u| rules::steady(u).is_none() || missed.contains(u.device.as_str()))
             .collect();
         if updates.is_empty() {
             tx.commit().await?;
             return Ok(Applied::default());
         }
-        let ids: Vec<&str> = updates.iter().map(|u| u.device.as_str()).collect();
-        let mut current: HashMap<String, Current> = HashMap::with_capacity(updates.len());
-        for row in sqlx::query(SELECT_CURRENT)
-            .bind(to_json(&ids)?)
-            .fetch_all(&mut *tx)
-            .await?
-        {
-            let id: String = row.try_get("device_id")?;
-            current.insert(
-                id,
-                Current {
-                    status: parse_status(&row, "status")?,
-                    last_seen: row.try_get("last_seen_at")?,
-                    status_changed_at: row.try_get("status_changed_at")?,
-                    error: row.try_get("error")?,
-                },
-            );
-        }
-
-        // Unknown devices a heartbeat would register: the registration policy decides.
-        let candidates: Vec<(DeviceId, Timestamp)> = updates
-            .iter()
-            .filter(|u| !current.contains_key(u.device.as_str()))
-            .filter_map(|u| {
-                let first = u
-                    .steps
-                    .iter()
-                    .find(|s| matches!(s.signal, Signal::Heartbeat { .. }))?;
-                Some((u.device.clone(), first.at))
-            })
-            .collect();
-        let refused = if candidates.is_empty() || new == NewDevices::UNLIMITED {
-            HashMap::new()
-        } else {
-            let stored = match new.max_devices {
-                Some(_) => count_devices(&mut tx).await?,
-                None => 0,
-            };
-            registration::admit(candidates, stored, new)
+        let current = read_current(&mut tx, &updates).await?;
+        let newcomers = rules::newcomers(&updates, &current);
+        // The count is a scan: only a cap with someone to admit needs it.
+        let stored = match new.max_devices {
+            Some(_) if !newcomers.is_empty() => count_devices(&mut tx).await?,
+            _ => 0,
         };
-
-        let mut events = Vec::new();
-        let mut rows = Vec::with_capacity(updates.len());
-        for update in &updates {
-            if refused.contains_key(&update.device) {
-                continue;
-            }
-            let stored = current.get(update.device.as_str());
-            let mut status = stored.map(|c| c.status);
-            let mut changed = stored.map(|c| c.status_changed_at);
-            for step in &update.steps {
-                let Some(transition) = status::transition(status, step.signal) else {
-                    continue;
-                };
-                let last_seen = match step.signal {
-                    Signal::Heartbeat { .. } => Some(step.at),
-                    _ => step.last_heartbeat.or_else(|| {
-                        stored
-                            .and_then(|c| c.last_seen)
-                            .map(Timestamp::from_unix_millis)
-                    }),
-                };
-                events.push(StatusEvent::new(
-                    update.device.clone(),
-                    transition,
-                    last_seen,
-                    step.at,
-                ));
-                status = Some(transition.to);
-                changed = Some(step.at.unix_millis());
-            }
-            // A Will from a device we have never heard of creates nothing.
-            let (Some(status), Some(changed)) = (status, changed) else {
-                continue;
-            };
-            let error = match &update.error {
-                Some(set) => set.as_deref(),
-                None => stored.and_then(|c| c.error.as_deref()),
-            };
-            rows.push(DeviceRow {
-                id: update.device.as_str(),
-                status: status.as_str(),
-                seen: update.last_seen.map(Timestamp::unix_millis),
-                changed,
-                device_time: update.device_time.map(Timestamp::unix_millis),
-                clock_skew_ms: update.clock_skew_ms,
-                error,
-                report: &update.report,
-            });
-        }
+        let refused = registration::admit(newcomers, stored, new);
+        let Decision { rows, events } = rules::decide(&updates, &current, &refused);
         upsert_devices(&mut tx, &rows).await?;
         insert_events(&mut tx, &events).await?;
         tx.commit().await?;
@@ -573,10 +478,7 @@ impl Store for SqliteStore {
         let mut tx = self.write().await?;
         let mut events = Vec::new();
         // One statement per watched status, so each knows the status it replaces.
-        for from in [Status::Online, Status::Error] {
-            let Some(transition) = status::transition(Some(from), Signal::Timeout) else {
-                continue;
-            };
+        for (from, transition) in rules::timeouts() {
             let rows = sqlx::query(
                 "UPDATE devices SET status = ?1, status_changed_at = ?2 \
                  WHERE status = ?3 AND last_seen_at < ?4 \
@@ -756,12 +658,13 @@ impl Store for SqliteStore {
         sqlx::query(concat!(
             "SELECT ",
             event_columns!(),
-            " FROM status_events WHERE device_id = ?1 AND seq < ?2 AND reason <> 'deleted' \
+            " FROM status_events WHERE device_id = ?1 AND seq < ?2 AND reason <> ?4 \
              ORDER BY seq DESC LIMIT ?3"
         ))
         .bind(id.as_str())
         .bind(before_seq.unwrap_or(i64::MAX))
         .bind(limit)
+        .bind(TOMBSTONE)
         .fetch_all(&self.pool)
         .await?
         .iter()
@@ -911,10 +814,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::heartbeat::Heartbeat;
-    use crate::heartbeat::batch::Batch;
     use crate::registration::Refusal;
     use crate::status::Reason;
+    use crate::update::{Batch, Heartbeat};
 
     async fn store() -> (SqliteStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -350,10 +350,9 @@ impl NotificationStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::heartbeat::Heartbeat;
-    use crate::heartbeat::batch::Batch;
     use crate::registration::NewDevices;
     use crate::storage::Store;
+    use crate::update::{Batch, Heartbeat};
 
     async fn store() -> (SqliteStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
