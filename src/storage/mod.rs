@@ -5,8 +5,11 @@
 //! A backend only reads and writes. What a flush changes is decided by
 //! [`crate::rules`] between the backend's read and its write, and which devices the
 //! offline check takes by the transitions [`crate::rules::timeouts`] lists; no backend
-//! has rules of its own.
+//! has rules of its own. Every backend runs the same conformance suite
+//! (`storage/conformance.rs`).
 
+#[cfg(test)]
+mod conformance;
 mod error;
 #[cfg(test)]
 pub mod fake;

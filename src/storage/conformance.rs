@@ -1,0 +1,722 @@
+//! The behaviour every [`Store`] backend must show, as one suite each backend runs.
+//!
+//! Each test is a `pub(crate) async fn` taking a fresh, empty store; a backend's tests
+//! instantiate them all with [`store_conformance!`], so a test added here runs against
+//! every backend (one left out of the macro's list is dead code, which clippy refuses).
+//! Tests about one backend's own machinery (its SQL, its pragmas, its files) stay with
+//! that backend.
+
+use std::sync::Arc;
+
+use super::{DeviceQuery, OutboxEntry, OutboxItem, Store, StoreError, Summary};
+use crate::clock::Timestamp;
+use crate::device::DeviceId;
+use crate::event::{StatusEvent, StoredEvent};
+use crate::registration::{NewDevices, Refusal};
+use crate::status::{Reason, Status};
+use crate::update::{Batch, Heartbeat, Report};
+
+/// Every conformance test as a `#[tokio::test]` of its own, run against the store
+/// `$store` evaluates to (inside the test's async body): a `(store, guard)` pair, the
+/// guard (a temporary directory, say) kept alive for the test.
+macro_rules! store_conformance {
+    ($store:expr) => {
+        $crate::storage::conformance::store_conformance!($store =>
+            first_heartbeat_registers_and_later_ones_only_move_last_seen,
+            error_and_recovery_in_one_batch_are_two_transitions,
+            error_text_is_kept_while_in_error,
+            a_heartbeat_after_another_writer_took_the_device_offline_is_a_transition,
+            a_device_in_error_takes_the_latest_error_text,
+            a_will_from_an_unknown_device_creates_nothing,
+            a_will_takes_a_known_device_offline_with_its_last_heartbeat,
+            mark_offline_takes_only_overdue_watched_devices_once,
+            racing_checkers_take_each_device_exactly_once,
+            a_hundred_silent_devices_go_offline_in_one_pass,
+            outbox_hands_out_unpublished_events_in_commit_order,
+            a_deleted_device_leaves_only_a_tombstone_in_the_outbox,
+            devices_page_by_id_with_status_and_prefix_filters,
+            history_pages_newest_first,
+            clock_skew_is_kept_from_the_latest_timestamped_heartbeat,
+            current_events_are_each_devices_latest_published_one_a_page_at_a_time,
+            unknown_devices_past_the_cap_are_refused_and_known_ones_still_written,
+            without_auto_registration_only_registered_devices_are_written,
+            registering_twice_is_refused,
+            a_flush_of_ok_heartbeats_changes_only_the_devices_not_already_online,
+        );
+    };
+    ($store:expr => $($test:ident),+ $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $test() {
+                let (store, _guard) = $store;
+                $crate::storage::conformance::$test(std::sync::Arc::new(store)).await;
+            }
+        )+
+    };
+}
+pub(crate) use store_conformance;
+
+fn id(s: &str) -> DeviceId {
+    DeviceId::parse(s).expect("valid id")
+}
+
+fn at(ms: i64) -> Timestamp {
+    Timestamp::from_unix_millis(ms)
+}
+
+fn beat(healthy: bool, hostname: Option<&str>) -> Heartbeat {
+    Heartbeat {
+        healthy,
+        error: (!healthy).then(|| "disk full".to_string()),
+        report: Report {
+            hostname: hostname.map(str::to_string),
+            ..Report::default()
+        },
+        ..Heartbeat::default()
+    }
+}
+
+async fn apply(store: &Arc<dyn Store>, fill: impl FnOnce(&mut Batch)) -> Vec<StatusEvent> {
+    let mut batch = Batch::default();
+    fill(&mut batch);
+    store
+        .apply(&batch.take(), NewDevices::UNLIMITED)
+        .await
+        .expect("apply")
+        .events
+}
+
+fn outbox_statuses(items: &[OutboxItem]) -> Vec<(String, Status)> {
+    items
+        .iter()
+        .filter_map(|item| match &item.entry {
+            OutboxEntry::Status(e) => Some((e.device_id.to_string(), e.status)),
+            OutboxEntry::Clear(_) => None,
+        })
+        .collect()
+}
+
+fn statuses(events: &[StoredEvent]) -> Vec<(String, Status)> {
+    events
+        .iter()
+        .map(|e| (e.event.device_id.to_string(), e.event.status))
+        .collect()
+}
+
+fn summary(events: &[StatusEvent]) -> Vec<(String, Option<Status>, Status, Reason)> {
+    let mut rows: Vec<_> = events
+        .iter()
+        .map(|e| {
+            (
+                e.device_id.to_string(),
+                e.previous_status,
+                e.status,
+                e.reason,
+            )
+        })
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows
+}
+
+pub(crate) async fn first_heartbeat_registers_and_later_ones_only_move_last_seen(
+    store: Arc<dyn Store>,
+) {
+    let events = apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat(true, Some("host-a")))
+    })
+    .await;
+    assert_eq!(
+        summary(&events),
+        vec![("a".into(), None, Status::Online, Reason::Registered)]
+    );
+    assert_eq!(events[0].last_seen_at, Some(at(1_000)));
+
+    let events = apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(2_000), beat(true, None))
+    })
+    .await;
+    assert!(events.is_empty());
+    let device = store.device(&id("a")).await.expect("read").expect("exists");
+    assert_eq!(device.status, Status::Online);
+    assert_eq!(device.last_seen_at, Some(at(2_000)));
+    assert_eq!(device.first_seen_at, Some(at(1_000)));
+    assert_eq!(device.status_changed_at, at(1_000));
+    assert_eq!(
+        device.report.hostname.as_deref(),
+        Some("host-a"),
+        "absent fields keep their value"
+    );
+}
+
+pub(crate) async fn error_and_recovery_in_one_batch_are_two_transitions(store: Arc<dyn Store>) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat(true, None))
+    })
+    .await;
+    let events = apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(2_000), beat(false, None));
+        b.add_heartbeat(id("a"), at(2_100), beat(true, None));
+    })
+    .await;
+    let steps: Vec<_> = events
+        .iter()
+        .map(|e| (e.status, e.reason, e.changed_at))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            (Status::Error, Reason::DeviceError, at(2_000)),
+            (Status::Online, Reason::Heartbeat, at(2_100)),
+        ]
+    );
+    let device = store.device(&id("a")).await.expect("read").expect("exists");
+    assert_eq!((device.status, device.error), (Status::Online, None));
+}
+
+pub(crate) async fn error_text_is_kept_while_in_error(store: Arc<dyn Store>) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat(false, None))
+    })
+    .await;
+    let device = store.device(&id("a")).await.expect("read").expect("exists");
+    assert_eq!(
+        (device.status, device.error.as_deref()),
+        (Status::Error, Some("disk full"))
+    );
+}
+
+pub(crate) async fn a_heartbeat_after_another_writer_took_the_device_offline_is_a_transition(
+    store: Arc<dyn Store>,
+) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat(true, None))
+    })
+    .await;
+    // `fleetwatch check` in another process, say.
+    assert_eq!(
+        store
+            .mark_offline(at(5_000), at(6_000))
+            .await
+            .expect("pass")
+            .len(),
+        1
+    );
+    // The handler still thinks "a" is online; the write must not trust that.
+    let events = apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(7_000), beat(true, None))
+    })
+    .await;
+    assert_eq!(
+        summary(&events),
+        vec![(
+            "a".into(),
+            Some(Status::Offline),
+            Status::Online,
+            Reason::Heartbeat
+        )]
+    );
+    let device = store.device(&id("a")).await.expect("read").expect("exists");
+    assert_eq!(
+        (device.status, device.last_seen_at),
+        (Status::Online, Some(at(7_000)))
+    );
+}
+
+pub(crate) async fn a_device_in_error_takes_the_latest_error_text(store: Arc<dyn Store>) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat(false, None))
+    })
+    .await;
+    let mut newer = beat(false, None);
+    newer.error = Some("fan stuck".into());
+    let events = apply(&store, |b| b.add_heartbeat(id("a"), at(2_000), newer)).await;
+    assert!(events.is_empty());
+    let device = store.device(&id("a")).await.expect("read").expect("exists");
+    assert_eq!(
+        (device.error.as_deref(), device.last_seen_at),
+        (Some("fan stuck"), Some(at(2_000)))
+    );
+}
+
+pub(crate) async fn a_will_from_an_unknown_device_creates_nothing(store: Arc<dyn Store>) {
+    let events = apply(&store, |b| b.add_connection_lost(id("ghost"), at(1_000))).await;
+    assert!(events.is_empty());
+    assert_eq!(store.device(&id("ghost")).await.expect("read"), None);
+}
+
+pub(crate) async fn a_will_takes_a_known_device_offline_with_its_last_heartbeat(
+    store: Arc<dyn Store>,
+) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat(true, None))
+    })
+    .await;
+    let events = apply(&store, |b| b.add_connection_lost(id("a"), at(5_000))).await;
+    assert_eq!(
+        summary(&events),
+        vec![(
+            "a".into(),
+            Some(Status::Online),
+            Status::Offline,
+            Reason::ConnectionLost
+        )]
+    );
+    assert_eq!(
+        (events[0].last_seen_at, events[0].changed_at),
+        (Some(at(1_000)), at(5_000))
+    );
+}
+
+pub(crate) async fn mark_offline_takes_only_overdue_watched_devices_once(store: Arc<dyn Store>) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("old"), at(1_000), beat(true, None));
+        b.add_heartbeat(id("old-error"), at(1_000), beat(false, None));
+        b.add_heartbeat(id("fresh"), at(9_000), beat(true, None));
+    })
+    .await;
+    store
+        .register(&id("provisioned"), at(0), None)
+        .await
+        .expect("register");
+
+    let events = store
+        .mark_offline(at(5_000), at(10_000))
+        .await
+        .expect("pass");
+    assert_eq!(
+        summary(&events),
+        vec![
+            (
+                "old".into(),
+                Some(Status::Online),
+                Status::Offline,
+                Reason::HeartbeatTimeout
+            ),
+            (
+                "old-error".into(),
+                Some(Status::Error),
+                Status::Offline,
+                Reason::HeartbeatTimeout
+            ),
+        ]
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e.changed_at == at(10_000) && e.last_seen_at == Some(at(1_000)))
+    );
+    let again = store
+        .mark_offline(at(5_000), at(10_001))
+        .await
+        .expect("pass");
+    assert!(again.is_empty(), "a transition happens once");
+}
+
+pub(crate) async fn racing_checkers_take_each_device_exactly_once(store: Arc<dyn Store>) {
+    apply(&store, |b| {
+        for i in 0..200 {
+            b.add_heartbeat(id(&format!("d{i}")), at(1_000), beat(true, None));
+        }
+    })
+    .await;
+    let passes = (0..4).map(|n| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.mark_offline(at(5_000), at(10_000 + n)).await })
+    });
+    let mut taken = Vec::new();
+    for pass in passes {
+        taken.extend(pass.await.expect("join").expect("pass"));
+    }
+    let mut ids: Vec<_> = taken.iter().map(|e| e.device_id.to_string()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((taken.len(), ids.len()), (200, 200));
+}
+
+pub(crate) async fn a_hundred_silent_devices_go_offline_in_one_pass(store: Arc<dyn Store>) {
+    apply(&store, |b| {
+        for i in 0..100 {
+            b.add_heartbeat(id(&format!("d{i:03}")), at(1_000 + i), beat(true, None));
+        }
+    })
+    .await;
+    let events = store
+        .mark_offline(at(2_000), at(2_500))
+        .await
+        .expect("pass");
+    assert_eq!(events.len(), 100);
+}
+
+pub(crate) async fn outbox_hands_out_unpublished_events_in_commit_order(store: Arc<dyn Store>) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat(true, None))
+    })
+    .await;
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(2_000), beat(false, None))
+    })
+    .await;
+    store
+        .register(&id("b"), at(3_000), None)
+        .await
+        .expect("register");
+
+    let pending = store.unpublished(0, 10).await.expect("read");
+    assert_eq!(
+        outbox_statuses(&pending),
+        vec![
+            ("a".into(), Status::Online),
+            ("a".into(), Status::Error),
+            ("b".into(), Status::Provisioning)
+        ]
+    );
+    assert!(pending.windows(2).all(|w| w[0].seq < w[1].seq));
+
+    store
+        .mark_published(&[pending[0].seq], at(4_000))
+        .await
+        .expect("mark");
+    let left = store.unpublished(0, 10).await.expect("read");
+    assert_eq!(left, pending[1..].to_vec());
+    assert_eq!(
+        store.unpublished(pending[1].seq, 10).await.expect("read"),
+        pending[2..].to_vec()
+    );
+}
+
+pub(crate) async fn a_deleted_device_leaves_only_a_tombstone_in_the_outbox(store: Arc<dyn Store>) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("gone"), at(1_000), beat(true, None))
+    })
+    .await;
+    apply(&store, |b| {
+        b.add_heartbeat(id("kept"), at(1_000), beat(true, None))
+    })
+    .await;
+    store.delete(&id("gone"), at(2_000)).await.expect("delete");
+
+    assert_eq!(store.device(&id("gone")).await.expect("read"), None);
+    assert_eq!(
+        store.events(&id("gone"), None, 10).await.expect("read"),
+        vec![]
+    );
+    let outbox: Vec<_> = store
+        .unpublished(0, 10)
+        .await
+        .expect("read")
+        .into_iter()
+        .map(|i| i.entry)
+        .collect();
+    assert!(
+        matches!(&outbox[..], [OutboxEntry::Status(e), OutboxEntry::Clear(g)]
+        if e.device_id.as_str() == "kept" && g.as_str() == "gone"),
+        "{outbox:?}"
+    );
+    assert!(matches!(
+        store.delete(&id("gone"), at(3_000)).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // A device that comes back starts over, after its tombstone.
+    let events = apply(&store, |b| {
+        b.add_heartbeat(id("gone"), at(4_000), beat(true, None))
+    })
+    .await;
+    assert_eq!(
+        summary(&events),
+        vec![("gone".into(), None, Status::Online, Reason::Registered)]
+    );
+    let outbox = store.unpublished(0, 10).await.expect("read");
+    assert!(
+        matches!(&outbox.last().map(|i| &i.entry), Some(OutboxEntry::Status(e)) if e.reason == Reason::Registered)
+    );
+}
+
+pub(crate) async fn devices_page_by_id_with_status_and_prefix_filters(store: Arc<dyn Store>) {
+    apply(&store, |b| {
+        for name in ["pump-1", "pump-2", "pump-3", "valve-1", "valve-2"] {
+            b.add_heartbeat(id(name), at(1_000), beat(!name.ends_with('2'), None));
+        }
+    })
+    .await;
+    let page = |query: DeviceQuery| {
+        let store = &store;
+        async move {
+            store
+                .devices(&query)
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|d| d.device_id.to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    let q = |status, prefix: Option<&str>, after: Option<&str>, limit| DeviceQuery {
+        status,
+        prefix: prefix.map(str::to_string),
+        after: after.map(id),
+        limit,
+    };
+    assert_eq!(page(q(None, None, None, 2)).await, ["pump-1", "pump-2"]);
+    assert_eq!(
+        page(q(None, None, Some("pump-2"), 2)).await,
+        ["pump-3", "valve-1"]
+    );
+    assert_eq!(
+        page(q(None, Some("valve"), None, 10)).await,
+        ["valve-1", "valve-2"]
+    );
+    assert_eq!(
+        page(q(Some(Status::Error), None, None, 10)).await,
+        ["pump-2", "valve-2"]
+    );
+    assert_eq!(
+        page(q(Some(Status::Online), Some("pump"), Some("pump-1"), 10)).await,
+        ["pump-3"]
+    );
+    assert_eq!(
+        page(q(None, Some("pumpkin"), None, 10)).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        store.summary().await.expect("summary"),
+        Summary {
+            online: 3,
+            error: 2,
+            ..Summary::default()
+        }
+    );
+}
+
+pub(crate) async fn history_pages_newest_first(store: Arc<dyn Store>) {
+    for (ms, healthy) in [(1_000, true), (2_000, false), (3_000, true), (4_000, false)] {
+        apply(&store, |b| {
+            b.add_heartbeat(id("a"), at(ms), beat(healthy, None))
+        })
+        .await;
+    }
+    let first = store.events(&id("a"), None, 2).await.expect("read");
+    let times: Vec<_> = first.iter().map(|e| e.event.changed_at).collect();
+    assert_eq!(times, [at(4_000), at(3_000)]);
+    let rest = store
+        .events(&id("a"), Some(first[1].seq), 10)
+        .await
+        .expect("read");
+    let times: Vec<_> = rest.iter().map(|e| e.event.changed_at).collect();
+    assert_eq!(times, [at(2_000), at(1_000)]);
+}
+
+pub(crate) async fn clock_skew_is_kept_from_the_latest_timestamped_heartbeat(
+    store: Arc<dyn Store>,
+) {
+    let mut ahead = beat(true, None);
+    ahead.device_time = Some(at(1_000 + 2_500));
+    apply(&store, |b| b.add_heartbeat(id("a"), at(1_000), ahead)).await;
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(2_000), beat(true, None))
+    })
+    .await;
+    let device = store.device(&id("a")).await.expect("read").expect("exists");
+    assert_eq!(device.clock_skew_ms, Some(2_500));
+}
+
+pub(crate) async fn current_events_are_each_devices_latest_published_one_a_page_at_a_time(
+    store: Arc<dyn Store>,
+) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat(true, None));
+        b.add_heartbeat(id("b"), at(1_000), beat(true, None));
+    })
+    .await;
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(2_000), beat(false, None))
+    })
+    .await;
+    store
+        .register(&id("c"), at(3_000), None)
+        .await
+        .expect("register");
+    let all: Vec<i64> = store
+        .unpublished(0, 10)
+        .await
+        .expect("read")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    store.mark_published(&all, at(4_000)).await.expect("mark");
+    apply(&store, |b| {
+        b.add_heartbeat(id("d"), at(5_000), beat(true, None))
+    })
+    .await;
+
+    let first = store.current_events(None, 2).await.expect("page");
+    let second = store
+        .current_events(Some(&first[1].event.device_id), 2)
+        .await
+        .expect("page");
+    let all: Vec<StoredEvent> = first.into_iter().chain(second).collect();
+    assert_eq!(
+        statuses(&all),
+        vec![
+            ("a".into(), Status::Error),
+            ("b".into(), Status::Online),
+            ("c".into(), Status::Provisioning)
+        ]
+    );
+}
+
+pub(crate) async fn unknown_devices_past_the_cap_are_refused_and_known_ones_still_written(
+    store: Arc<dyn Store>,
+) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat(true, None));
+        b.add_heartbeat(id("b"), at(1_000), beat(true, None));
+    })
+    .await;
+    let mut batch = Batch::default();
+    batch.add_heartbeat(id("a"), at(2_000), beat(false, None));
+    batch.add_heartbeat(id("d"), at(2_002), beat(true, None));
+    batch.add_heartbeat(id("c"), at(2_001), beat(true, None));
+    let capped = NewDevices {
+        max_devices: Some(3),
+        ..NewDevices::UNLIMITED
+    };
+    let applied = store.apply(&batch.take(), capped).await.expect("apply");
+    assert_eq!(
+        applied.refused,
+        vec![(id("d"), Refusal::DeviceLimit)],
+        "the earliest newcomer gets the last place"
+    );
+    assert_eq!(
+        summary(&applied.events),
+        vec![
+            (
+                "a".into(),
+                Some(Status::Online),
+                Status::Error,
+                Reason::DeviceError
+            ),
+            ("c".into(), None, Status::Online, Reason::Registered),
+        ]
+    );
+    assert_eq!(store.device(&id("d")).await.expect("read"), None);
+    assert!(matches!(
+        store.register(&id("e"), at(3_000), Some(3)).await,
+        Err(StoreError::DeviceLimit(3))
+    ));
+    assert!(matches!(
+        store.register(&id("a"), at(3_000), Some(3)).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    store
+        .register(&id("e"), at(3_000), Some(4))
+        .await
+        .expect("room for one more");
+}
+
+pub(crate) async fn without_auto_registration_only_registered_devices_are_written(
+    store: Arc<dyn Store>,
+) {
+    store
+        .register(&id("known"), at(1_000), None)
+        .await
+        .expect("register");
+    let mut batch = Batch::default();
+    batch.add_heartbeat(id("known"), at(2_000), beat(true, None));
+    batch.add_heartbeat(id("stranger"), at(2_000), beat(true, None));
+    let closed = NewDevices {
+        auto_register: false,
+        ..NewDevices::UNLIMITED
+    };
+    let applied = store.apply(&batch.take(), closed).await.expect("apply");
+    assert_eq!(
+        applied.refused,
+        vec![(id("stranger"), Refusal::NotRegistered)]
+    );
+    assert_eq!(
+        summary(&applied.events),
+        vec![(
+            "known".into(),
+            Some(Status::Provisioning),
+            Status::Online,
+            Reason::Heartbeat
+        )]
+    );
+}
+
+pub(crate) async fn registering_twice_is_refused(store: Arc<dyn Store>) {
+    store.register(&id("a"), at(1), None).await.expect("first");
+    assert!(matches!(
+        store.register(&id("a"), at(2), None).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+}
+
+pub(crate) async fn a_flush_of_ok_heartbeats_changes_only_the_devices_not_already_online(
+    store: Arc<dyn Store>,
+) {
+    apply(&store, |b| {
+        for name in ["a", "b", "c", "d"] {
+            b.add_heartbeat(id(name), at(1_000), beat(true, None));
+        }
+    })
+    .await;
+    apply(&store, |b| {
+        for name in ["a", "c", "d"] {
+            b.add_heartbeat(id(name), at(5_500), beat(true, None));
+        }
+    })
+    .await;
+    // Another writer takes "b" offline; the handler still thinks it online.
+    let taken = store
+        .mark_offline(at(5_000), at(6_000))
+        .await
+        .expect("pass");
+    assert_eq!(
+        summary(&taken),
+        vec![(
+            "b".into(),
+            Some(Status::Online),
+            Status::Offline,
+            Reason::HeartbeatTimeout
+        )]
+    );
+
+    let events = apply(&store, |b| {
+        for name in ["a", "b", "c", "d", "e"] {
+            b.add_heartbeat(id(name), at(7_000), beat(true, None));
+        }
+    })
+    .await;
+    assert_eq!(
+        summary(&events),
+        vec![
+            (
+                "b".into(),
+                Some(Status::Offline),
+                Status::Online,
+                Reason::Heartbeat
+            ),
+            ("e".into(), None, Status::Online, Reason::Registered),
+        ]
+    );
+    for (name, changed) in [
+        ("a", 1_000),
+        ("b", 7_000),
+        ("c", 1_000),
+        ("d", 1_000),
+        ("e", 7_000),
+    ] {
+        let device = store
+            .device(&id(name))
+            .await
+            .expect("read")
+            .expect("exists");
+        assert_eq!(
+            (device.status, device.last_seen_at, device.status_changed_at),
+            (Status::Online, Some(at(7_000)), at(changed)),
+            "{name}"
+        );
+    }
+}
