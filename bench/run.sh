@@ -4,8 +4,8 @@
 # table and writes target/bench/results.json. Every figure is a ratio to a baseline
 # measured in the same run, because a shared machine's absolute figures drift.
 #
-#   bench/run.sh            full run (about 10 minutes)
-#   bench/run.sh --quick    everything at a small scale (under 2 minutes; CI smoke test)
+#   bench/run.sh            full run (about 24 minutes)
+#   bench/run.sh --quick    everything at a small scale (about 3 minutes; CI smoke test)
 #   bench/run.sh --only ingest,lag   a subset (see --help)
 set -euo pipefail
 cd "$(dirname "$0")/.."

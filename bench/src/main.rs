@@ -38,7 +38,7 @@ const MEASUREMENTS: [&str; 9] = [
 #[derive(Parser, Debug)]
 #[command(about = "fleetwatch benchmarks: each figure a ratio to a baseline of the same run")]
 struct Args {
-    /// Everything at a small scale, in under two minutes (a smoke test: figures at
+    /// Everything at a small scale, in about three minutes (a smoke test: figures at
     /// this scale say little).
     #[arg(long)]
     quick: bool,
@@ -49,6 +49,13 @@ struct Args {
     /// Where to write the results.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
+    /// Internal: run the notification baseline's bare client loop against this URL in
+    /// this process and print its requests/s.
+    #[arg(long, hide = true)]
+    bare_loop: Option<String>,
+    /// Internal: how many requests that loop sends.
+    #[arg(long, hide = true, default_value_t = 10_000)]
+    requests: u64,
 }
 
 /// The sizes of one run.
@@ -137,6 +144,10 @@ impl Scale {
 #[tokio::main]
 async fn main() -> Result<ExitCode> {
     let args = Args::parse();
+    if let Some(url) = &args.bare_loop {
+        println!("{}", notify::bare_loop(url, args.requests).await?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let scale = if args.quick {
         Scale::quick()
     } else {

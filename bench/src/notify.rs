@@ -145,16 +145,34 @@ fn fleet(
     })
 }
 
-/// A bare client loop's requests/s to the receiver: the same concurrency a sink uses
-/// (16), a body of a webhook's size, no database behind it.
-async fn bare_loop(receiver: &Receiver, requests: u64) -> Result<f64> {
+/// A bare client loop's requests/s to the receiver, run in a process of its own as
+/// the hub is (this binary again, with `--bare-loop`).
+async fn bare_loop_process(receiver: &Receiver, requests: u64) -> Result<f64> {
+    let output = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("--bare-loop")
+        .arg(format!("http://{}/bare", receiver.addr))
+        .arg("--requests")
+        .arg(requests.to_string())
+        .output()
+        .await?;
+    if !output.status.success() {
+        bail!(
+            "the bare client loop failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
+}
+
+/// A bare client loop's requests/s to `url`: the same concurrency a sink uses (16), a
+/// body of a webhook's size, each answer read, no database behind it.
+pub async fn bare_loop(url: &str, requests: u64) -> Result<f64> {
     let client = reqwest::Client::new();
     let body = Bytes::from(vec![b'x'; 520]);
-    let url = format!("http://{}/bare", receiver.addr);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..16u64 {
-        let (client, body, url) = (client.clone(), body.clone(), url.clone());
+        let (client, body, url) = (client.clone(), body.clone(), url.to_string());
         tasks.spawn(async move {
             for i in (worker..requests).step_by(16) {
                 client
@@ -162,6 +180,8 @@ async fn bare_loop(receiver: &Receiver, requests: u64) -> Result<f64> {
                     .header("webhook-id", format!("bare-{i}"))
                     .body(body.clone())
                     .send()
+                    .await?
+                    .bytes()
                     .await?;
             }
             anyhow::Ok(())
@@ -192,7 +212,14 @@ async fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool)
 pub async fn storm(dir: &Path, scale: &Scale, report: &mut Report) -> Result<()> {
     let devices = scale.storm_devices;
     let baseline_rx = Receiver::start(204).await?;
-    let bare = bare_loop(&baseline_rx, devices.max(5_000)).await?;
+    let bare = bare_loop_process(&baseline_rx, devices.max(5_000)).await?;
+    // The same loop inside this process, beside the receiver: printed for comparison
+    // with earlier runs, whose baseline it was.
+    let bare_in_process = bare_loop(
+        &format!("http://{}/bare", baseline_rx.addr),
+        devices.max(5_000),
+    )
+    .await?;
 
     let live = Receiver::start(204).await?;
     let bulk = Receiver::start(400).await?;
@@ -259,7 +286,7 @@ pub async fn storm(dir: &Path, scale: &Scale, report: &mut Report) -> Result<()>
         "",
         Some(Goal::AtLeast(0.8)),
         Some(Baseline {
-            what: "bare client loop to the same receiver, 16 at a time".into(),
+            what: "bare client loop (own process) to the same receiver, 16 at a time".into(),
             value: bare,
             unit: "req/s",
         }),
@@ -268,6 +295,7 @@ pub async fn storm(dir: &Path, scale: &Scale, report: &mut Report) -> Result<()>
             "notifications": bulk_distinct,
             "drained_s": drained,
             "hub_cpu_ms_per_1000": hub_cpu * 1e6 / bulk_distinct as f64,
+            "bare_in_process_per_s": bare_in_process,
         }),
     );
     report.add(
