@@ -79,8 +79,6 @@ struct Sink {
     failed: AtomicU64,
     dead: AtomicU64,
     last: Mutex<Last>,
-    /// Attempts have failed since the last delivery.
-    failing: AtomicBool,
 }
 
 #[derive(Default)]
@@ -153,7 +151,6 @@ impl Sinks {
                 failed: AtomicU64::new(0),
                 dead: AtomicU64::new(0),
                 last: Mutex::new(Last::default()),
-                failing: AtomicBool::new(false),
             }));
         }
         // The receivers' answers decide; a redirect is not followed (a POST would
@@ -433,10 +430,10 @@ impl Sinks {
             tokio::select! {
                 Some(done) = run.in_flight.tasks.join_next_with_id(), if !run.in_flight.tasks.is_empty() => {
                     let done = run.in_flight.finished(done, &mut run.flying);
-                    self.answered(&sink, done, &mut run.answered, &mut run.back);
+                    self.answered(&sink, done, &mut run);
                     while let Some(done) = run.in_flight.tasks.try_join_next_with_id() {
                         let done = run.in_flight.finished(done, &mut run.flying);
-                        self.answered(&sink, done, &mut run.answered, &mut run.back);
+                        self.answered(&sink, done, &mut run);
                     }
                     // The receiver is back after failures: what waits for a retry is
                     // tried now, not at its backoff's end (up to notify.retry_max).
@@ -581,14 +578,7 @@ impl Sinks {
     }
 
     /// Turns an answer into what to record.
-    /// `back`: set when this answer is the first success after failures.
-    fn answered(
-        &self,
-        sink: &Sink,
-        done: Option<(Queued, Outcome)>,
-        answered: &mut Vec<Settled>,
-        back: &mut bool,
-    ) {
+    fn answered(&self, sink: &Sink, done: Option<(Queued, Outcome)>, run: &mut Run) {
         let Some((queued, outcome)) = done else {
             return;
         };
@@ -597,9 +587,7 @@ impl Sinks {
         let settled = match outcome {
             Outcome::Delivered { .. } => {
                 sink.delivered.fetch_add(1, Relaxed);
-                if sink.failing.swap(false, Relaxed) {
-                    *back = true;
-                }
+                run.back |= std::mem::take(&mut run.failing);
                 if let Ok(mut last) = sink.last.lock() {
                     last.success_at = Some(now);
                 }
@@ -607,7 +595,7 @@ impl Sinks {
             }
             Outcome::Retry { error, after } => {
                 sink.failed.fetch_add(1, Relaxed);
-                sink.failing.store(true, Relaxed);
+                run.failing = true;
                 let age = Duration::from_millis(now.millis_since(queued.created_at).max(0) as u64);
                 if age >= self.pacing.max_age {
                     let error = format!(
@@ -641,7 +629,7 @@ impl Sinks {
                 }
             }
         };
-        answered.push(settled);
+        run.answered.push(settled);
     }
 
     fn failed(&self, sink: &Sink, queued: &Queued, error: &str, wait: Duration) {
@@ -727,6 +715,8 @@ struct Run {
     flying: Vec<i64>,
     answered: Vec<Settled>,
     outage: Outage,
+    /// Attempts have failed since the last delivery.
+    failing: bool,
     /// A delivery succeeded after failures.
     back: bool,
 }
@@ -742,6 +732,7 @@ impl Default for Run {
             flying: Vec::new(),
             answered: Vec::new(),
             outage: Outage::default(),
+            failing: false,
             back: false,
         }
     }

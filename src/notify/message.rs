@@ -61,7 +61,7 @@ impl Notice {
     }
 
     /// The JSON a webhook receives.
-    pub fn webhook_body(&self) -> Vec<u8> {
+    pub fn webhook_body(&self) -> String {
         let envelope = Envelope {
             r#type: self.kind(),
             timestamp: self.event.changed_at,
@@ -71,7 +71,7 @@ impl Notice {
             },
         };
         // Plain fields serialise without fail.
-        serde_json::to_vec(&envelope).unwrap_or_default()
+        serde_json::to_string(&envelope).unwrap_or_default()
     }
 
     /// A few lines for a person (Telegram, Slack).
@@ -126,10 +126,10 @@ pub enum Message<'a> {
 }
 
 impl Message<'_> {
-    pub fn webhook_body(&self) -> Vec<u8> {
+    pub fn webhook_body(&self) -> String {
         match self {
             Message::Notice(notice) => notice.webhook_body(),
-            Message::Test { sink, at } => serde_json::to_vec(&serde_json::json!({
+            Message::Test { sink, at } => serde_json::to_string(&serde_json::json!({
                 "type": "fleetwatch.test",
                 "timestamp": at,
                 "data": { "sink": sink, "message": self.text() },
@@ -215,7 +215,7 @@ mod tests {
     fn the_webhook_body_is_a_standard_webhooks_envelope() {
         let mut back = notice(Status::Offline, Status::Online, Reason::Heartbeat);
         back.down_since = Some(at("2026-11-22T10:00:15Z"));
-        let body: serde_json::Value = serde_json::from_slice(&back.webhook_body()).expect("json");
+        let body: serde_json::Value = serde_json::from_str(&back.webhook_body()).expect("json");
         assert_eq!(
             body,
             serde_json::json!({

@@ -70,7 +70,7 @@ impl Target {
     /// Rendered once, when a notification is queued.
     pub fn render(&self, message: Message<'_>) -> String {
         match self {
-            Target::Webhook { .. } => String::from_utf8(message.webhook_body()).unwrap_or_default(),
+            Target::Webhook { .. } => message.webhook_body(),
             Target::Telegram { .. } | Target::Slack { .. } => message.text(),
         }
     }

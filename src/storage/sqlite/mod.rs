@@ -350,19 +350,10 @@ async fn refresh_steady(
         // The fast path leaves statuses alone, so a row refreshed above still holds the
         // status it was matched on.
         let ids: Vec<&str> = chunk.iter().map(|r| r.update.device.as_str()).collect();
-        let mut stored = HashMap::with_capacity(chunk.len());
-        for row in sqlx::query(SELECT_CURRENT)
-            .bind(to_json(&ids)?)
-            .fetch_all(&mut **tx)
-            .await?
-        {
-            stored.insert(
-                row.try_get::<String, _>("device_id")?,
-                parse_status(&row, "status")?,
-            );
-        }
+        let stored = read_current(tx, &ids).await?;
         for refresh in chunk {
-            if stored.get(refresh.update.device.as_str()) != Some(&refresh.status) {
+            if stored.get(refresh.update.device.as_str()).map(|c| c.status) != Some(refresh.status)
+            {
                 missed.insert(refresh.update.device.to_string());
             }
         }
@@ -370,13 +361,12 @@ async fn refresh_steady(
     Ok(missed)
 }
 
-/// The stored state of the devices `updates` name, by id; unknown ones are absent.
+/// The stored state of the devices `ids` names, by id; unknown ones are absent.
 async fn read_current(
     tx: &mut WriteTx,
-    updates: &[&DeviceUpdate],
+    ids: &[&str],
 ) -> Result<HashMap<String, Current>, StoreError> {
-    let ids: Vec<&str> = updates.iter().map(|u| u.device.as_str()).collect();
-    let mut current = HashMap::with_capacity(updates.len());
+    let mut current = HashMap::with_capacity(ids.len());
     for row in sqlx::query(SELECT_CURRENT)
         .bind(to_json(&ids)?)
         .fetch_all(&mut **tx)
@@ -452,7 +442,8 @@ impl Store for SqliteStore {
             tx.commit().await?;
             return Ok(Applied::default());
         }
-        let current = read_current(&mut tx, &updates).await?;
+        let ids: Vec<&str> = updates.iter().map(|u| u.device.as_str()).collect();
+        let current = read_current(&mut tx, &ids).await?;
         let newcomers = rules::newcomers(&updates, &current);
         // The count is a scan: only a cap with someone to admit needs it.
         let stored = match new.max_devices {
