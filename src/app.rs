@@ -90,7 +90,7 @@ impl Application {
             settings.mqtt.broker == BrokerMode::Embedded,
         );
         report_budget(&files);
-        let stores = storage::connect_all(&settings.database.url).await?;
+        let stores = storage::connect_all(&settings.database).await?;
         let sinks = Sinks::new(
             settings.sinks()?,
             stores.clone(),
@@ -300,7 +300,7 @@ impl Application {
             broker = ?self.settings.mqtt.broker,
             mqtt = %format!("{}:{}", self.endpoint.host, self.endpoint.port),
             http = ?http_addr,
-            database = %self.settings.database.url,
+            database = %self.settings.database.redacted_url(),
             offline_after = %humantime::format_duration(hb.offline_after),
             "fleetwatch ready"
         );

@@ -126,7 +126,7 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
 }
 
 async fn check(settings: Settings) -> anyhow::Result<()> {
-    let store = storage::connect(&settings.database.url).await?;
+    let store = storage::connect_all(&settings.database).await?.devices;
     let now = Clock::new().now();
     let cutoff = now.saturating_sub(settings.heartbeat.offline_after);
     let events = store.mark_offline(cutoff, now).await?;
@@ -137,7 +137,7 @@ async fn check(settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn devices(settings: Settings, status: Option<Status>, json: bool) -> anyhow::Result<()> {
-    let store = storage::connect(&settings.database.url).await?;
+    let store = storage::connect_all(&settings.database).await?.devices;
     let mut devices = Vec::new();
     let mut query = DeviceQuery {
         status,

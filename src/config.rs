@@ -205,8 +205,43 @@ mod address {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
-    /// `sqlite://PATH` (created if missing).
+    /// `sqlite://PATH` (created if missing) or `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`.
     pub url: String,
+    /// PostgreSQL: connections in the pool (SQLite keeps its own four).
+    pub max_connections: u32,
+    /// PostgreSQL: the server cancels a statement running longer than this.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+}
+
+impl DatabaseSettings {
+    /// The URL with any password replaced by `***`, for logs.
+    pub fn redacted_url(&self) -> String {
+        redact_password(&self.url)
+    }
+
+    /// The PostgreSQL store's settings.
+    pub fn postgres(&self) -> crate::storage::postgres::PgSettings {
+        crate::storage::postgres::PgSettings {
+            max_connections: self.max_connections,
+            statement_timeout: self.statement_timeout,
+        }
+    }
+}
+
+/// `scheme://user:secret@host/...` as `scheme://user:***@host/...`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_string(),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,6 +348,8 @@ impl Default for Settings {
             },
             database: DatabaseSettings {
                 url: "sqlite://fleetwatch.db".into(),
+                max_connections: 10,
+                statement_timeout: Duration::from_secs(30),
             },
             heartbeat: HeartbeatSettings {
                 offline_after: Duration::from_secs(180),
@@ -466,6 +503,10 @@ impl Settings {
             ("notify.max_age", self.notify.max_age),
             ("health.commit_lag", self.health.commit_lag),
             ("health.publish_lag", self.health.publish_lag),
+            (
+                "database.statement_timeout",
+                self.database.statement_timeout,
+            ),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::key(key, "must be greater than zero"));
@@ -483,6 +524,11 @@ impl Settings {
             ),
             ("http.max_connections", self.http.max_connections, 1_000_000),
             ("http.max_requests", self.http.max_requests, 1_000_000),
+            (
+                "database.max_connections",
+                self.database.max_connections as usize,
+                1_000,
+            ),
         ] {
             if value == 0 || value > max {
                 return Err(ConfigError::key(
@@ -531,12 +577,12 @@ impl Settings {
                 ),
             ));
         }
-        if !self.database.url.starts_with("sqlite:") {
+        if !crate::storage::supported_url(&self.database.url) {
             return Err(ConfigError::key(
                 "database.url",
                 format!(
-                    "{:?} is not supported (expected sqlite://PATH)",
-                    self.database.url
+                    "{:?} is not supported (expected sqlite://PATH or postgres://USER@HOST/DB)",
+                    self.database.redacted_url()
                 ),
             ));
         }
@@ -760,6 +806,27 @@ mod tests {
             ("FLEETWATCH_DEVICES__REGISTRATION_BURST", "7"),
         ])
         .expect("overrides load");
+        let postgres = load(&[
+            (
+                "FLEETWATCH_DATABASE__URL",
+                "postgres://hub:s3cret@db.local/fleet",
+            ),
+            ("FLEETWATCH_DATABASE__MAX_CONNECTIONS", "25"),
+            ("FLEETWATCH_DATABASE__STATEMENT_TIMEOUT", "5s"),
+        ])
+        .expect("a PostgreSQL url loads");
+        assert_eq!(
+            postgres.database.postgres(),
+            crate::storage::postgres::PgSettings {
+                max_connections: 25,
+                statement_timeout: Duration::from_secs(5),
+            }
+        );
+        assert_eq!(
+            postgres.database.redacted_url(),
+            "postgres://hub:***@db.local/fleet",
+            "the password never reaches a log line"
+        );
         assert_eq!(
             settings.devices.policy(),
             Policy {
@@ -820,6 +887,16 @@ mod tests {
                 "heartbeat.queue_capacity",
             ),
             ("FLEETWATCH_DATABASE__URL", "mysql://x", "database.url"),
+            (
+                "FLEETWATCH_DATABASE__MAX_CONNECTIONS",
+                "0",
+                "database.max_connections",
+            ),
+            (
+                "FLEETWATCH_DATABASE__STATEMENT_TIMEOUT",
+                "0s",
+                "database.statement_timeout",
+            ),
             (
                 "FLEETWATCH_HEARTBEAT_OFFLINE_AFTER",
                 "90s",

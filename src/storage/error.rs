@@ -8,7 +8,7 @@ pub enum StoreError {
     AlreadyExists(DeviceId),
     #[error("devices.max_devices ({0}) reached")]
     DeviceLimit(u64),
-    #[error("unsupported database url {0:?} (expected sqlite://PATH)")]
+    #[error("unsupported database url {0:?} (expected sqlite://PATH or postgres://USER@HOST/DB)")]
     UnsupportedUrl(String),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

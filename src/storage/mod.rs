@@ -14,7 +14,11 @@ mod error;
 #[cfg(test)]
 pub mod fake;
 pub mod notifications;
+pub mod postgres;
+mod rows;
 pub mod sqlite;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -192,24 +196,41 @@ pub struct OutboxItem {
 /// The stores one database provides.
 #[derive(Clone)]
 pub struct Stores {
-    pub devices: std::sync::Arc<dyn Store>,
-    pub notifications: std::sync::Arc<dyn NotificationStore>,
+    pub devices: Arc<dyn Store>,
+    pub notifications: Arc<dyn NotificationStore>,
 }
 
-/// Opens the database `url` names, runs its migrations, and returns both stores.
-pub async fn connect_all(url: &str) -> Result<Stores, StoreError> {
-    if url.starts_with("sqlite:") {
-        let store = std::sync::Arc::new(sqlite::SqliteStore::connect(url).await?);
-        Ok(Stores {
-            devices: store.clone(),
-            notifications: store,
-        })
-    } else {
-        Err(StoreError::UnsupportedUrl(url.to_string()))
-    }
+/// Whether `url` names a backend this build has.
+pub fn supported_url(url: &str) -> bool {
+    url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
-/// Opens the store `url` names and runs its migrations.
-pub async fn connect(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
-    Ok(connect_all(url).await?.devices)
+/// Opens the database `settings.url` names, runs its migrations, and returns both
+/// stores.
+pub async fn connect_all(settings: &crate::config::DatabaseSettings) -> Result<Stores, StoreError> {
+    let url = settings.url.as_str();
+    let (devices, notifications): (Arc<dyn Store>, Arc<dyn NotificationStore>) =
+        if url.starts_with("sqlite:") {
+            let store = Arc::new(sqlite::SqliteStore::connect(url).await?);
+            (store.clone(), store)
+        } else if supported_url(url) {
+            let store = Arc::new(postgres::PgStore::connect(url, settings.postgres()).await?);
+            (store.clone(), store)
+        } else {
+            return Err(StoreError::UnsupportedUrl(settings.redacted_url()));
+        };
+    Ok(Stores {
+        devices,
+        notifications,
+    })
+}
+
+/// Opens the store `url` names, with default connection settings, and runs its
+/// migrations.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    let settings = crate::config::DatabaseSettings {
+        url: url.to_string(),
+        ..crate::config::Settings::default().database
+    };
+    Ok(connect_all(&settings).await?.devices)
 }

@@ -26,9 +26,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
-use super::{
-    Applied, Device, DeviceQuery, OutboxEntry, OutboxItem, Store, StoreError, Summary, TOMBSTONE,
-};
+use super::rows::{Columns, clamp, corrupt, device, outbox_item, stored_event};
+use super::{Applied, Device, DeviceQuery, OutboxItem, Store, StoreError, Summary, TOMBSTONE};
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
@@ -375,9 +374,9 @@ async fn read_current(
         current.insert(
             row.try_get("device_id")?,
             Current {
-                status: parse_status(&row, "status")?,
-                last_seen_at: timestamp(&row, "last_seen_at")?,
-                status_changed_at: required_timestamp(&row, "status_changed_at")?,
+                status: row.status("status")?,
+                last_seen_at: row.time("last_seen_at")?,
+                status_changed_at: row.required_time("status_changed_at")?,
                 error: row.try_get("error")?,
             },
         );
@@ -412,11 +411,6 @@ async fn count_devices(tx: &mut WriteTx) -> Result<u64, StoreError> {
 
 fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-/// SQLite integers are signed; a reported counter past `i64::MAX` is clamped.
-fn clamp(value: Option<u64>) -> Option<i64> {
-    value.map(|v| i64::try_from(v).unwrap_or(i64::MAX))
 }
 
 #[async_trait]
@@ -482,12 +476,10 @@ impl Store for SqliteStore {
             .fetch_all(&mut *tx)
             .await?;
             for row in rows {
-                let device = parse_device_id(&row, "device_id")?;
-                let last_seen: Option<i64> = row.try_get("last_seen_at")?;
                 events.push(StatusEvent::new(
-                    device,
+                    row.device_id("device_id")?,
                     transition,
-                    last_seen.map(Timestamp::from_unix_millis),
+                    row.time("last_seen_at")?,
                     now,
                 ));
             }
@@ -669,8 +661,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await?
         {
-            let count: i64 = row.try_get("n")?;
-            *summary.slot(parse_status(&row, "status")?) = u64::try_from(count).unwrap_or(0);
+            *summary.slot(row.status("status")?) = row.unsigned("n")?.unwrap_or(0);
         }
         Ok(summary)
     }
@@ -711,93 +702,24 @@ impl Store for SqliteStore {
     }
 }
 
-fn corrupt(what: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(what.to_string())
-}
+impl Columns for SqliteRow {
+    fn text(&self, column: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.try_get(column)?)
+    }
 
-fn parse_status(row: &SqliteRow, column: &str) -> Result<Status, StoreError> {
-    let text: String = row.try_get(column)?;
-    text.parse().map_err(corrupt)
-}
+    fn int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self.try_get(column)?)
+    }
 
-fn parse_device_id(row: &SqliteRow, column: &str) -> Result<DeviceId, StoreError> {
-    let text: String = row.try_get(column)?;
-    DeviceId::parse(&text).map_err(|e| corrupt(format!("device id {text:?}: {e}")))
-}
+    fn time(&self, column: &str) -> Result<Option<Timestamp>, StoreError> {
+        Ok(self.int(column)?.map(Timestamp::from_unix_millis))
+    }
 
-fn timestamp(row: &SqliteRow, column: &str) -> Result<Option<Timestamp>, StoreError> {
-    Ok(row
-        .try_get::<Option<i64>, _>(column)?
-        .map(Timestamp::from_unix_millis))
-}
-
-fn required_timestamp(row: &SqliteRow, column: &str) -> Result<Timestamp, StoreError> {
-    timestamp(row, column)?.ok_or_else(|| corrupt(format!("{column} is NULL")))
-}
-
-fn json_column<T: serde::de::DeserializeOwned>(
-    row: &SqliteRow,
-    column: &str,
-) -> Result<Option<T>, StoreError> {
-    row.try_get::<Option<String>, _>(column)?
-        .map(|text| serde_json::from_str(&text).map_err(|e| corrupt(format!("{column}: {e}"))))
-        .transpose()
-}
-
-fn outbox_item(row: &SqliteRow) -> Result<OutboxItem, StoreError> {
-    let seq = row.try_get("seq")?;
-    let reason: String = row.try_get("reason")?;
-    let entry = if reason == TOMBSTONE {
-        OutboxEntry::Clear(parse_device_id(row, "device_id")?)
-    } else {
-        OutboxEntry::Status(stored_event(row)?.event)
-    };
-    Ok(OutboxItem { seq, entry })
-}
-
-fn stored_event(row: &SqliteRow) -> Result<StoredEvent, StoreError> {
-    let event_id: String = row.try_get("event_id")?;
-    let previous: Option<String> = row.try_get("previous_status")?;
-    let reason: String = row.try_get("reason")?;
-    Ok(StoredEvent {
-        seq: row.try_get("seq")?,
-        event: StatusEvent {
-            event_id: Uuid::parse_str(&event_id).map_err(corrupt)?,
-            device_id: parse_device_id(row, "device_id")?,
-            status: parse_status(row, "status")?,
-            previous_status: previous.map(|p| p.parse()).transpose().map_err(corrupt)?,
-            reason: reason.parse().map_err(corrupt)?,
-            last_seen_at: timestamp(row, "last_seen_at")?,
-            changed_at: required_timestamp(row, "changed_at")?,
-        },
-    })
-}
-
-fn device(row: &SqliteRow) -> Result<Device, StoreError> {
-    let unsigned = |column: &str| -> Result<Option<u64>, StoreError> {
-        Ok(row
-            .try_get::<Option<i64>, _>(column)?
-            .map(|v| u64::try_from(v).unwrap_or(0)))
-    };
-    Ok(Device {
-        device_id: parse_device_id(row, "device_id")?,
-        status: parse_status(row, "status")?,
-        last_seen_at: timestamp(row, "last_seen_at")?,
-        first_seen_at: timestamp(row, "first_seen_at")?,
-        status_changed_at: required_timestamp(row, "status_changed_at")?,
-        registered_at: required_timestamp(row, "registered_at")?,
-        device_time: timestamp(row, "device_time")?,
-        clock_skew_ms: row.try_get("clock_skew_ms")?,
-        error: row.try_get("error")?,
-        report: Report {
-            uptime_seconds: unsigned("uptime_seconds")?,
-            free_memory: unsigned("free_memory")?,
-            firmware_version: row.try_get("firmware_version")?,
-            hostname: row.try_get("hostname")?,
-            os_info: json_column(row, "os_info")?,
-            metrics: json_column(row, "metrics")?,
-        },
-    })
+    fn uuid(&self, column: &str) -> Result<Option<Uuid>, StoreError> {
+        self.text(column)?
+            .map(|text| Uuid::parse_str(&text).map_err(|e| corrupt(format!("{column}: {e}"))))
+            .transpose()
+    }
 }
 
 #[cfg(test)]

@@ -2,9 +2,8 @@
 
 use async_trait::async_trait;
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 
-use super::{SqliteStore, corrupt, stored_event, to_json};
+use super::{SqliteStore, to_json};
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::event::StoredEvent;
@@ -12,22 +11,7 @@ use crate::storage::StoreError;
 use crate::storage::notifications::{
     DeadLetter, NewNotification, NotificationStore, Payload, QueueStats, Queued, Settled,
 };
-
-fn payload(row: &SqliteRow) -> Result<Payload, StoreError> {
-    let device: String = row.try_get("device_id")?;
-    let event: String = row.try_get("event_id")?;
-    Ok(Payload {
-        device_id: DeviceId::parse(&device).map_err(|e| corrupt(format!("device id: {e}")))?,
-        event_id: uuid::Uuid::parse_str(&event).map_err(|e| corrupt(format!("event id: {e}")))?,
-        kind: row.try_get("kind")?,
-        body: row.try_get("body")?,
-    })
-}
-
-fn attempts(row: &SqliteRow) -> Result<u32, StoreError> {
-    let n: i64 = row.try_get("attempts")?;
-    Ok(u32::try_from(n).unwrap_or(u32::MAX))
-}
+use crate::storage::rows::{Columns, attempts, corrupt, payload, stored_event};
 
 #[async_trait]
 impl NotificationStore for SqliteStore {
@@ -265,15 +249,10 @@ impl NotificationStore for SqliteStore {
         .bind(sink)
         .fetch_one(&self.pool)
         .await?;
-        let count = |column: &str| -> Result<u64, StoreError> {
-            let n: i64 = row.try_get(column)?;
-            Ok(u64::try_from(n).unwrap_or(0))
-        };
-        let oldest: Option<i64> = row.try_get("oldest")?;
         Ok(QueueStats {
-            backlog: count("backlog")?,
-            oldest_pending: oldest.map(Timestamp::from_unix_millis),
-            dead_letters: count("dead")?,
+            backlog: row.unsigned("backlog")?.unwrap_or(0),
+            oldest_pending: row.time("oldest")?,
+            dead_letters: row.unsigned("dead")?.unwrap_or(0),
         })
     }
 
@@ -296,13 +275,11 @@ impl NotificationStore for SqliteStore {
         .iter()
         .map(|row| {
             Ok(DeadLetter {
-                id: row.try_get("id")?,
+                id: row.required_int("id")?,
                 payload: payload(row)?,
                 attempts: attempts(row)?,
-                created_at: Timestamp::from_unix_millis(row.try_get("created_at")?),
-                error: row
-                    .try_get::<Option<String>, _>("last_error")?
-                    .unwrap_or_default(),
+                created_at: row.required_time("created_at")?,
+                error: row.text("last_error")?.unwrap_or_default(),
             })
         })
         .collect()
