@@ -10,6 +10,9 @@
 
 #[cfg(test)]
 mod conformance;
+#[cfg(test)]
+mod notify_conformance;
+
 mod error;
 #[cfg(test)]
 pub mod fake;
