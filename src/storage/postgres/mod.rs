@@ -825,4 +825,5 @@ mod tests {
     }
 
     crate::storage::conformance::store_conformance!(store().await);
+    crate::storage::notify_conformance::notification_conformance!(store().await);
 }
