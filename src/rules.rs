@@ -110,8 +110,8 @@ pub struct Decision<'a> {
 
 /// Runs each update's steps through the status machine from the device's stored state
 /// (`current`, keyed by device id; absent: unknown) and returns the rows and events to
-/// write. Devices in `refused` are left out; so is an unknown device that only sent
-/// its Will.
+/// write. A step received before the stored status changed is no transition. Devices
+/// in `refused` are left out; so is an unknown device that only sent its Will.
 pub fn decide<'a>(
     updates: &[&'a DeviceUpdate],
     current: &'a HashMap<String, Current>,
@@ -127,6 +127,15 @@ pub fn decide<'a>(
         let mut status = stored.map(|c| c.status);
         let mut changed = stored.map(|c| c.status_changed_at);
         for step in &update.steps {
+            // A signal received before the stored transition was committed (by another
+            // hub, whose flush or offline check came first) is older news than that
+            // transition and cannot undo it: a late-delivered heartbeat never brings a
+            // device another hub has already declared offline back online. Its time
+            // still counts as last seen. One hub never gets here: its offline check
+            // flushes what it has received first.
+            if stored.is_some_and(|c| step.at < c.status_changed_at) {
+                continue;
+            }
             let Some(transition) = status::transition(status, step.signal) else {
                 continue;
             };

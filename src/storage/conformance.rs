@@ -26,6 +26,7 @@ macro_rules! store_conformance {
             error_and_recovery_in_one_batch_are_two_transitions,
             error_text_is_kept_while_in_error,
             a_heartbeat_after_another_writer_took_the_device_offline_is_a_transition,
+            a_heartbeat_received_before_another_writer_took_the_device_offline_does_not_undo_it,
             a_device_in_error_takes_the_latest_error_text,
             a_will_from_an_unknown_device_creates_nothing,
             a_will_takes_a_known_device_offline_with_its_last_heartbeat,
@@ -220,6 +221,48 @@ pub(crate) async fn a_heartbeat_after_another_writer_took_the_device_offline_is_
     assert_eq!(
         (device.status, device.last_seen_at),
         (Status::Online, Some(at(7_000)))
+    );
+}
+
+/// Two hubs: one received a heartbeat at 6.5 s but flushed it after the other's offline
+/// check committed at 7 s. The heartbeat is older than the transition: the device stays
+/// offline (nothing published twice, no flap), and its last_seen_at moves forward.
+pub(crate) async fn a_heartbeat_received_before_another_writer_took_the_device_offline_does_not_undo_it(
+    store: Arc<dyn Store>,
+) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat(true, None))
+    })
+    .await;
+    let offline = store
+        .mark_offline(at(5_000), at(7_000))
+        .await
+        .expect("pass");
+    assert_eq!(offline.len(), 1);
+    let late = apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(6_500), beat(true, None));
+        b.add_connection_lost(id("b"), at(6_500));
+    })
+    .await;
+    assert_eq!(late, vec![], "a late heartbeat is no transition");
+    let device = store.device(&id("a")).await.expect("read").expect("exists");
+    assert_eq!(
+        (device.status, device.status_changed_at, device.last_seen_at),
+        (Status::Offline, at(7_000), Some(at(6_500)))
+    );
+    // The device's next heartbeat, received after the transition, brings it back.
+    let back = apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(8_000), beat(true, None))
+    })
+    .await;
+    assert_eq!(
+        summary(&back),
+        vec![(
+            "a".into(),
+            Some(Status::Offline),
+            Status::Online,
+            Reason::Heartbeat
+        )]
     );
 }
 
