@@ -132,6 +132,7 @@ impl Application {
             credentials,
             client_id,
             max_payload,
+            shared_group: Some(settings.mqtt.shared_group.clone()).filter(|g| !g.is_empty()),
         };
         let listening = watch::channel(None);
         let embedded = broker.as_ref().map(|broker| {

@@ -148,6 +148,10 @@ pub struct MqttSettings {
     pub url: String,
     /// Prefix of the hub's MQTT client ids; empty picks a unique one per start.
     pub client_id: String,
+    /// Several hubs: the MQTT shared subscription group they read heartbeats through
+    /// (`$share/{group}/devices/+/heartbeat`), so the broker hands each message to one
+    /// of them. Empty: a plain subscription (one hub).
+    pub shared_group: String,
 }
 
 impl<'de> Deserialize<'de> for BrokerMode {
@@ -345,6 +349,7 @@ impl Default for Settings {
                 listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
                 url: "mqtt://127.0.0.1:1883".into(),
                 client_id: String::new(),
+                shared_group: String::new(),
             },
             database: DatabaseSettings {
                 url: "sqlite://fleetwatch.db".into(),
@@ -586,6 +591,30 @@ impl Settings {
                 ),
             ));
         }
+        let group = &self.mqtt.shared_group;
+        if !group.is_empty() {
+            if !group
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(ConfigError::key(
+                    "mqtt.shared_group",
+                    format!("{group:?} may hold only letters, digits, '-', '_' and '.'"),
+                ));
+            }
+            if self.mqtt.broker == BrokerMode::Embedded {
+                return Err(ConfigError::key(
+                    "mqtt.shared_group",
+                    "several hubs share an external broker: set mqtt.broker = \"external\"",
+                ));
+            }
+            if self.database.url.starts_with("sqlite:") {
+                return Err(ConfigError::key(
+                    "mqtt.shared_group",
+                    "several hubs share one PostgreSQL database: set database.url to postgres://…",
+                ));
+            }
+        }
         if !self.mqtt.client_id.is_empty()
             && !self
                 .mqtt
@@ -812,6 +841,8 @@ mod tests {
                 "postgres://hub:s3cret@db.local/fleet",
             ),
             ("FLEETWATCH_DATABASE__MAX_CONNECTIONS", "25"),
+            ("FLEETWATCH_MQTT__BROKER", "external"),
+            ("FLEETWATCH_MQTT__SHARED_GROUP", "hubs"),
             ("FLEETWATCH_DATABASE__STATEMENT_TIMEOUT", "5s"),
         ])
         .expect("a PostgreSQL url loads");
@@ -822,6 +853,7 @@ mod tests {
                 statement_timeout: Duration::from_secs(5),
             }
         );
+        assert_eq!(postgres.mqtt.shared_group, "hubs");
         assert_eq!(
             postgres.database.redacted_url(),
             "postgres://hub:***@db.local/fleet",
@@ -887,6 +919,7 @@ mod tests {
                 "heartbeat.queue_capacity",
             ),
             ("FLEETWATCH_DATABASE__URL", "mysql://x", "database.url"),
+            ("FLEETWATCH_MQTT__SHARED_GROUP", "a/b", "mqtt.shared_group"),
             (
                 "FLEETWATCH_DATABASE__MAX_CONNECTIONS",
                 "0",

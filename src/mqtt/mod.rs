@@ -23,6 +23,8 @@ pub struct Endpoint {
     pub client_id: String,
     /// Largest heartbeat payload the hub accepts; bigger ones are counted and dropped.
     pub max_payload: usize,
+    /// The shared subscription group several hubs read heartbeats through, if any.
+    pub shared_group: Option<String>,
 }
 
 /// How long the events connection may stay idle before a ping.

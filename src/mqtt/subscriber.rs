@@ -33,9 +33,17 @@ const DRAIN_WAIT: Duration = Duration::from_secs(2);
 /// Before asking again for a subscription the broker refused.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(10);
 
-fn filters() -> [SubscribeFilter; 2] {
-    [topic::HEARTBEAT_FILTER, topic::LWT_FILTER]
-        .map(|filter| SubscribeFilter::new(filter.to_string(), QoS::AtLeastOnce))
+/// The heartbeat and Will subscriptions; through a shared subscription group when
+/// several hubs share the work (the broker hands each message to one of them, and the
+/// message keeps its own topic).
+fn filters(shared_group: Option<&str>) -> [SubscribeFilter; 2] {
+    [topic::HEARTBEAT_FILTER, topic::LWT_FILTER].map(|filter| {
+        let filter = match shared_group {
+            Some(group) => format!("$share/{group}/{filter}"),
+            None => filter.to_string(),
+        };
+        SubscribeFilter::new(filter, QoS::AtLeastOnce)
+    })
 }
 
 /// What became of a message on its way to the handler.
@@ -94,7 +102,7 @@ impl Subscriber {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(retry), if resubscribe_at.is_some() => {
                     resubscribe_at = None;
-                    if let Err(e) = client.try_subscribe_many(filters()) {
+                    if let Err(e) = client.try_subscribe_many(filters(self.endpoint.shared_group.as_deref())) {
                         tracing::error!(error = %e, "could not request the heartbeat subscription");
                     }
                     continue;
@@ -105,7 +113,9 @@ impl Subscriber {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff.reset();
                     // Clean session: the subscription is gone after every reconnect.
-                    if let Err(e) = client.try_subscribe_many(filters()) {
+                    if let Err(e) =
+                        client.try_subscribe_many(filters(self.endpoint.shared_group.as_deref()))
+                    {
                         tracing::error!(error = %e, "could not request the heartbeat subscription");
                     }
                 }
@@ -300,5 +310,26 @@ impl Subscriber {
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_group_wraps_both_subscriptions() {
+        let paths = |group| filters(group).map(|f| f.path);
+        assert_eq!(
+            paths(None),
+            ["devices/+/heartbeat".to_string(), "devices/+/lwt".into()]
+        );
+        assert_eq!(
+            paths(Some("hubs")),
+            [
+                "$share/hubs/devices/+/heartbeat".to_string(),
+                "$share/hubs/devices/+/lwt".into()
+            ]
+        );
     }
 }
