@@ -39,6 +39,7 @@ use crate::mqtt::subscriber::Subscriber;
 use crate::mqtt::{Endpoint, broker_packet_limit};
 use crate::notify::{Pacing, Sinks};
 use crate::open_files::{self, Budget};
+use crate::storage::leader::Leadership;
 use crate::storage::{self, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,7 @@ pub struct Application {
     clock: Clock,
     store: Arc<dyn Store>,
     sinks: Arc<Sinks>,
+    leadership: Arc<dyn Leadership>,
     metrics: Arc<Metrics>,
     endpoint: Endpoint,
     broker: Option<EmbeddedBroker>,
@@ -102,6 +104,7 @@ impl Application {
             },
         )
         .await?;
+        let leadership = Arc::clone(&stores.leadership);
         let store = stores.devices;
         let http = http::bind(settings.http.listen)
             .map_err(|e| StartError::Http(settings.http.listen, e))?;
@@ -155,6 +158,7 @@ impl Application {
             clock,
             store,
             sinks,
+            leadership,
             metrics: Arc::new(Metrics::default()),
             endpoint,
             broker,
@@ -240,16 +244,17 @@ impl Application {
         );
         let mut subscriber_task = tokio::spawn(subscriber.run(ingest_stop.clone()));
 
-        let publisher = Publisher::new(
-            self.endpoint.clone(),
-            Arc::clone(&self.store),
-            alerts.outbox_changed(),
-            Arc::clone(&self.metrics),
-            Arc::clone(&self.health),
-            self.clock.clone(),
-        );
-        let mut publisher_task = tokio::spawn(publisher.run(publish_stop.clone()));
-        let sinks_task = tokio::spawn(Arc::clone(&self.sinks).run(publish_stop.clone()));
+        let outbox = Outbox {
+            leadership: Arc::clone(&self.leadership),
+            endpoint: self.endpoint.clone(),
+            store: Arc::clone(&self.store),
+            wake: alerts.outbox_changed(),
+            metrics: Arc::clone(&self.metrics),
+            health: Arc::clone(&self.health),
+            clock: self.clock.clone(),
+            sinks: Arc::clone(&self.sinks),
+        };
+        let mut publisher_task = tokio::spawn(outbox.run(publish_stop.clone()));
 
         let keys = self.settings.http.keys();
         if keys.is_empty() {
@@ -344,21 +349,78 @@ impl Application {
         let publisher_deadline = DRAIN_TIMEOUT + Duration::from_secs(1);
         // The publisher and the sinks stop together (the sinks' queues are durable:
         // what they do not deliver now, they deliver at the next start).
-        let (publisher, sinks) = tokio::join!(
-            tokio::time::timeout(publisher_deadline, settle(publisher_task)),
-            tokio::time::timeout(publisher_deadline, settle(sinks_task)),
-        );
-        if publisher.is_err() {
-            tracing::warn!("status publisher did not stop in time");
-        }
-        if sinks.is_err() {
-            tracing::warn!("notification sinks did not stop in time");
+        if tokio::time::timeout(publisher_deadline, settle(publisher_task))
+            .await
+            .is_err()
+        {
+            tracing::warn!("status publisher and notification sinks did not stop in time");
         }
         tracing::info!("fleetwatch stopped");
         match (failed, unsaved) {
             (_, Some(unsaved)) => Err(unsaved.into()),
             (Some(task), None) => Err(RunError::Failed(task)),
             (None, None) => Ok(()),
+        }
+    }
+}
+
+/// What sends the outbox on: the status publisher and the notification sinks, run
+/// while this hub leads (always, on a database only it uses).
+struct Outbox {
+    leadership: Arc<dyn Leadership>,
+    endpoint: Endpoint,
+    store: Arc<dyn Store>,
+    wake: Arc<tokio::sync::Notify>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    clock: Clock,
+    sinks: Arc<Sinks>,
+}
+
+impl Outbox {
+    /// Leads when it can, sends while it leads, until `stop`. Returns before `stop`
+    /// only if the publisher failed on its own.
+    async fn run(self, stop: CancellationToken) {
+        let mut led = false;
+        while let Some(term) = self.leadership.acquire(&stop).await {
+            if led {
+                tracing::info!(
+                    "this hub leads again: it publishes status events and sends notifications"
+                );
+            } else {
+                tracing::info!("this hub publishes status events and sends notifications");
+            }
+            led = true;
+            let sending = stop.child_token();
+            let publisher = Publisher::new(
+                self.endpoint.clone(),
+                Arc::clone(&self.store),
+                Arc::clone(&self.wake),
+                Arc::clone(&self.metrics),
+                Arc::clone(&self.health),
+                self.clock.clone(),
+            );
+            let mut publisher = tokio::spawn(publisher.run(sending.clone()));
+            let sinks = tokio::spawn(Arc::clone(&self.sinks).run(sending.clone()));
+            let failed = tokio::select! {
+                () = term.lost.cancelled() => false,
+                () = stop.cancelled() => false,
+                _ = &mut publisher => !sending.is_cancelled(),
+            };
+            sending.cancel();
+            settle(publisher).await;
+            settle(sinks).await;
+            // Given up only now, so the next leader starts after this one stopped.
+            drop(term);
+            if failed {
+                return;
+            }
+            if stop.is_cancelled() {
+                break;
+            }
+            tracing::warn!(
+                "this hub no longer leads; another hub sends status events and notifications"
+            );
         }
     }
 }

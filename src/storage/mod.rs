@@ -16,6 +16,7 @@ mod notify_conformance;
 mod error;
 #[cfg(test)]
 pub mod fake;
+pub mod leader;
 pub mod notifications;
 pub mod postgres;
 mod rows;
@@ -201,6 +202,8 @@ pub struct OutboxItem {
 pub struct Stores {
     pub devices: Arc<dyn Store>,
     pub notifications: Arc<dyn NotificationStore>,
+    /// Which of the hubs sharing the database sends the outbox on.
+    pub leadership: Arc<dyn leader::Leadership>,
 }
 
 /// Whether `url` names a backend this build has.
@@ -212,20 +215,24 @@ pub fn supported_url(url: &str) -> bool {
 /// stores.
 pub async fn connect_all(settings: &crate::config::DatabaseSettings) -> Result<Stores, StoreError> {
     let url = settings.url.as_str();
-    let (devices, notifications): (Arc<dyn Store>, Arc<dyn NotificationStore>) =
-        if url.starts_with("sqlite:") {
-            let store = Arc::new(sqlite::SqliteStore::connect(url).await?);
-            (store.clone(), store)
-        } else if supported_url(url) {
-            let store = Arc::new(postgres::PgStore::connect(url, settings.postgres()).await?);
-            (store.clone(), store)
-        } else {
-            return Err(StoreError::UnsupportedUrl(settings.redacted_url()));
-        };
-    Ok(Stores {
-        devices,
-        notifications,
-    })
+    if url.starts_with("sqlite:") {
+        let store = Arc::new(sqlite::SqliteStore::connect(url).await?);
+        Ok(Stores {
+            devices: store.clone(),
+            notifications: store,
+            leadership: Arc::new(leader::Alone),
+        })
+    } else if supported_url(url) {
+        let store = Arc::new(postgres::PgStore::connect(url, settings.postgres()).await?);
+        let options = postgres::PgStore::options(url, settings.postgres())?;
+        Ok(Stores {
+            devices: store.clone(),
+            notifications: store,
+            leadership: Arc::new(postgres::leader::PgLeadership::new(options)),
+        })
+    } else {
+        Err(StoreError::UnsupportedUrl(settings.redacted_url()))
+    }
 }
 
 /// Opens the store `url` names, with default connection settings, and runs its

@@ -234,6 +234,7 @@ macro_rules! device_columns {
     };
 }
 
+pub mod leader;
 // After the macros above, which it uses.
 mod notifications;
 
