@@ -15,6 +15,8 @@ mod receiver;
 mod registration;
 mod restart;
 mod scenarios;
+#[cfg(all(feature = "mosquitto-tests", feature = "postgres-tests"))]
+mod several_hubs;
 mod sim;
 
 /// Every core scenario as a test of its own, run against the broker `$broker`
