@@ -104,7 +104,7 @@ async fn wait_for(
         let mut lacking: Vec<&str> = ids
             .iter()
             .map(String::as_str)
-            .filter(|id| !seen.get(id).is_some_and(|e| e.len() >= n))
+            .filter(|id| seen.get(id).is_none_or(|e| e.len() < n))
             .collect();
         if lacking.is_empty() {
             return;
