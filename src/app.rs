@@ -382,7 +382,7 @@ impl Outbox {
     /// only if the publisher failed on its own.
     async fn run(self, stop: CancellationToken) {
         let mut led = false;
-        while let Some(term) = self.leadership.acquire(&stop).await {
+        while let Some(term) = self.leadership.acquire(&stop, &self.wake).await {
             if led {
                 tracing::info!(
                     "this hub leads again: it publishes status events and sends notifications"

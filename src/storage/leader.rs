@@ -7,7 +7,10 @@
 //! A takeover can repeat the few events the old leader had sent but not yet marked:
 //! the same events with the same ids (delivery is at least once, as after a restart).
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -15,7 +18,7 @@ use tokio_util::task::AbortOnDropHandle;
 /// hold on the database is gone); dropping the term gives the lead up.
 pub struct Term {
     pub lost: CancellationToken,
-    _keeper: Option<AbortOnDropHandle<()>>,
+    _keepers: Vec<AbortOnDropHandle<()>>,
 }
 
 impl Term {
@@ -23,16 +26,16 @@ impl Term {
     pub fn forever() -> Self {
         Self {
             lost: CancellationToken::new(),
-            _keeper: None,
+            _keepers: Vec::new(),
         }
     }
 
-    /// A term a task keeps: it cancels `lost` when the hold ends, and is stopped when
-    /// the term is dropped.
-    pub fn kept(lost: CancellationToken, keeper: tokio::task::JoinHandle<()>) -> Self {
+    /// A term tasks keep (one cancels `lost` when the hold ends); they are stopped
+    /// when the term is dropped.
+    pub fn kept(lost: CancellationToken, keepers: Vec<tokio::task::JoinHandle<()>>) -> Self {
         Self {
             lost,
-            _keeper: Some(AbortOnDropHandle::new(keeper)),
+            _keepers: keepers.into_iter().map(AbortOnDropHandle::new).collect(),
         }
     }
 }
@@ -40,8 +43,9 @@ impl Term {
 #[async_trait]
 pub trait Leadership: Send + Sync + 'static {
     /// Waits until this hub leads and returns its term, or `None` once `stop` is
-    /// cancelled first.
-    async fn acquire(&self, stop: &CancellationToken) -> Option<Term>;
+    /// cancelled first. During the term, `outbox_grew` is notified when another hub
+    /// adds to the outbox (this hub's own writes notify it in-process).
+    async fn acquire(&self, stop: &CancellationToken, outbox_grew: &Arc<Notify>) -> Option<Term>;
 }
 
 /// A database only one hub uses (SQLite): that hub always leads.
@@ -49,7 +53,7 @@ pub struct Alone;
 
 #[async_trait]
 impl Leadership for Alone {
-    async fn acquire(&self, stop: &CancellationToken) -> Option<Term> {
+    async fn acquire(&self, stop: &CancellationToken, _: &Arc<Notify>) -> Option<Term> {
         (!stop.is_cancelled()).then(Term::forever)
     }
 }

@@ -8,13 +8,16 @@
 //! it notices the connection is gone: the two may then overlap by that much, which
 //! repeats events with their own ids, never sends an event twice under two ids).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::Connection;
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::OUTBOX_CHANNEL;
 use crate::storage::leader::{Leadership, Term};
 
 /// The session lock of the outbox's sender, "fltp" in ASCII (the outbox's own
@@ -48,7 +51,7 @@ impl PgLeadership {
 
 #[async_trait]
 impl Leadership for PgLeadership {
-    async fn acquire(&self, stop: &CancellationToken) -> Option<Term> {
+    async fn acquire(&self, stop: &CancellationToken, outbox_grew: &Arc<Notify>) -> Option<Term> {
         let mut failing = false;
         loop {
             if stop.is_cancelled() {
@@ -58,7 +61,9 @@ impl Leadership for PgLeadership {
                 Ok(Some(conn)) => {
                     let lost = CancellationToken::new();
                     let keeper = tokio::spawn(keep(conn, lost.clone()));
-                    return Some(Term::kept(lost, keeper));
+                    let listener =
+                        tokio::spawn(listen(self.options.clone(), Arc::clone(outbox_grew)));
+                    return Some(Term::kept(lost, vec![keeper, listener]));
                 }
                 Ok(None) => failing = false,
                 Err(e) => {
@@ -73,6 +78,34 @@ impl Leadership for PgLeadership {
                 () = tokio::time::sleep(RETRY) => {}
             }
         }
+    }
+}
+
+/// Wakes `outbox_grew` whenever a transaction that added events commits, on any hub
+/// (its connection re-made when lost; a notification missed meanwhile is caught by the
+/// publisher's own periodic read).
+async fn listen(options: PgConnectOptions, outbox_grew: Arc<Notify>) {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(options);
+    let mut failing = false;
+    loop {
+        let listening = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(OUTBOX_CHANNEL).await?;
+            loop {
+                listener.recv().await?;
+                outbox_grew.notify_one();
+            }
+        };
+        let result: Result<(), sqlx::Error> = listening.await;
+        if let Err(e) = result
+            && !failing
+        {
+            tracing::warn!(error = %e, "cannot listen for other hubs' status events; reading the outbox every second");
+        }
+        failing = true;
+        tokio::time::sleep(RETRY).await;
     }
 }
 
@@ -117,13 +150,16 @@ mod tests {
         let db = ScratchDatabase::create().await;
         let (first, second) = (leadership(&db).await, leadership(&db).await);
         let stop = CancellationToken::new();
-        let term = tokio::time::timeout(PATIENCE, first.acquire(&stop))
+        let term = tokio::time::timeout(PATIENCE, first.acquire(&stop, &Arc::default()))
             .await
             .expect("the first hub leads at once")
             .expect("not stopped");
         let waiting = tokio::spawn(async move {
             let stop = CancellationToken::new();
-            second.acquire(&stop).await.map(|term| (term, second))
+            second
+                .acquire(&stop, &Arc::default())
+                .await
+                .map(|term| (term, second))
         });
         // Two of its retries pass without the lead changing hands.
         tokio::time::sleep(RETRY * 2 + RETRY / 2).await;
@@ -146,7 +182,7 @@ mod tests {
         let db = ScratchDatabase::create().await;
         let (first, second) = (leadership(&db).await, leadership(&db).await);
         let stop = CancellationToken::new();
-        let term = first.acquire(&stop).await.expect("leads");
+        let term = first.acquire(&stop, &Arc::default()).await.expect("leads");
         // The server ends the leader's connection, as when its host vanishes.
         let mut admin = PgConnection::connect(&db.url).await.expect("connect");
         let ended: i64 = sqlx::query_scalar(
@@ -163,15 +199,49 @@ mod tests {
         tokio::time::timeout(PATIENCE, term.lost.cancelled())
             .await
             .expect("the old leader learns it lost the lead");
-        let next = tokio::time::timeout(PATIENCE, second.acquire(&stop))
+        let next = tokio::time::timeout(PATIENCE, second.acquire(&stop, &Arc::default()))
             .await
             .expect("another hub leads")
             .expect("not stopped");
         assert!(!next.lost.is_cancelled());
         stop.cancel();
         assert!(
-            first.acquire(&stop).await.is_none(),
+            first.acquire(&stop, &Arc::default()).await.is_none(),
             "a stopped hub does not wait to lead"
         );
+    }
+
+    #[tokio::test]
+    async fn the_leader_hears_at_once_when_another_hub_adds_to_the_outbox() {
+        use crate::clock::Timestamp;
+        use crate::storage::Store;
+
+        let db = ScratchDatabase::create().await;
+        let other_hub = PgStore::connect(&db.url, PgSettings::default())
+            .await
+            .expect("store");
+        let grew = Arc::new(Notify::new());
+        let _term = leadership(&db)
+            .await
+            .acquire(&CancellationToken::new(), &grew)
+            .await
+            .expect("leads");
+        // The listener connects in the background: commit until it hears one.
+        let heard = tokio::time::timeout(PATIENCE, async {
+            for n in 0.. {
+                let device = format!("d{n}").parse().expect("id");
+                other_hub
+                    .register(&device, Timestamp::from_unix_millis(n), None)
+                    .await
+                    .expect("register");
+                let wait = Duration::from_millis(200);
+                if tokio::time::timeout(wait, grew.notified()).await.is_ok() {
+                    return n;
+                }
+            }
+            unreachable!()
+        })
+        .await;
+        assert!(heard.is_ok(), "no wake-up for another hub's events");
     }
 }

@@ -45,6 +45,10 @@ use crate::update::DeviceUpdate;
 /// constant works as long as every hub uses the same one: "fltw" in ASCII.
 pub const OUTBOX_LOCK: i64 = 0x666c_7477;
 
+/// The channel a transaction that adds events notifies on commit: the leading hub
+/// listens, so a transition another hub commits is published at once.
+pub const OUTBOX_CHANNEL: &str = "fleetwatch_outbox";
+
 /// How many times a flush decides again for devices another writer inserted between
 /// its read and its write. Each round can only lose devices that were new when read,
 /// and a device exists for good once inserted, so a second round always settles.
@@ -425,9 +429,13 @@ async fn insert_events(tx: &mut PgConnection, events: &[StatusEvent]) -> Result<
     Ok(())
 }
 
+/// Takes [`OUTBOX_LOCK`] until the transaction ends, and tells the leading hub, when
+/// the transaction commits, that the outbox has grown ([`OUTBOX_CHANNEL`]; PostgreSQL
+/// folds a transaction's identical notifications into one).
 async fn lock_outbox(tx: &mut PgConnection) -> Result<(), StoreError> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+    sqlx::query("SELECT pg_advisory_xact_lock($1), pg_notify($2, '')")
         .bind(OUTBOX_LOCK)
+        .bind(OUTBOX_CHANNEL)
         .execute(&mut *tx)
         .await?;
     Ok(())
