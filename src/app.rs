@@ -382,7 +382,23 @@ impl Outbox {
     /// only if the publisher failed on its own.
     async fn run(self, stop: CancellationToken) {
         let mut led = false;
-        while let Some(term) = self.leadership.acquire(&stop, &self.wake).await {
+        // Another hub's commits wake the publisher and the sinks alike.
+        let elsewhere = Arc::new(tokio::sync::Notify::new());
+        while let Some(term) = self.leadership.acquire(&stop, &elsewhere).await {
+            let forward = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
+                let (elsewhere, wake, sinks) = (
+                    Arc::clone(&elsewhere),
+                    Arc::clone(&self.wake),
+                    Arc::clone(&self.sinks),
+                );
+                async move {
+                    loop {
+                        elsewhere.notified().await;
+                        wake.notify_one();
+                        sinks.wake();
+                    }
+                }
+            }));
             if led {
                 tracing::info!(
                     "this hub leads again: it publishes status events and sends notifications"
@@ -411,6 +427,7 @@ impl Outbox {
             settle(publisher).await;
             settle(sinks).await;
             // Given up only now, so the next leader starts after this one stopped.
+            drop(forward);
             drop(term);
             if failed {
                 return;
