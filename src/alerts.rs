@@ -15,6 +15,7 @@ use crate::device::DeviceId;
 use crate::event::StatusEvent;
 use crate::metrics::Metrics;
 use crate::notify::Sinks;
+use crate::storage::NotificationStore;
 
 /// Live updates kept for a slow viewer before it is told it missed some.
 const LIVE_BUFFER: usize = 4096;
@@ -32,6 +33,9 @@ pub struct AlertChannel {
     outbox_changed: Arc<Notify>,
     live: broadcast::Sender<LiveUpdate>,
     sinks: Option<Arc<Sinks>>,
+    /// Live status updates come from following the event log (several hubs share it:
+    /// each hub's viewers see every hub's transitions), not from this hub's commits.
+    live_from_log: bool,
 }
 
 impl AlertChannel {
@@ -41,12 +45,19 @@ impl AlertChannel {
             outbox_changed: Arc::new(Notify::new()),
             live: broadcast::channel(LIVE_BUFFER).0,
             sinks: None,
+            live_from_log: false,
         }
     }
 
     /// Also wakes the notification sinks after each commit.
     pub fn with_sinks(mut self, sinks: Arc<Sinks>) -> Self {
         self.sinks = Some(sinks);
+        self
+    }
+
+    /// Live status updates will come from [`follow_log`], not from [`Self::committed`].
+    pub fn with_live_from_log(mut self) -> Self {
+        self.live_from_log = true;
         self
     }
 
@@ -80,7 +91,7 @@ impl AlertChannel {
                 event_id = %event.event_id,
                 "device status changed"
             );
-            if self.live.receiver_count() > 0 {
+            if !self.live_from_log && self.live.receiver_count() > 0 {
                 let _ = self.live.send(LiveUpdate::Status(event.clone()));
             }
         }
@@ -89,6 +100,48 @@ impl AlertChannel {
             if let Some(sinks) = &self.sinks {
                 sinks.wake();
             }
+        }
+    }
+}
+
+/// Events read from the log per page while following it.
+const FOLLOW_PAGE: u32 = 1024;
+
+/// Feeds live viewers every transition any hub commits, in commit order: reads the log
+/// from its end at start, again whenever `changed` is notified (another hub's commit,
+/// or this one's), and at least every second, until `stop`.
+pub async fn follow_log(
+    log: Arc<dyn NotificationStore>,
+    alerts: AlertChannel,
+    changed: Arc<Notify>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut cursor = None;
+    loop {
+        let read = match cursor {
+            None => log.log_end().await.map(|end| {
+                cursor = Some(end);
+                false
+            }),
+            Some(after) => log.events_after(after, FOLLOW_PAGE).await.map(|page| {
+                for stored in &page {
+                    if alerts.live.receiver_count() > 0 {
+                        let _ = alerts.live.send(LiveUpdate::Status(stored.event.clone()));
+                    }
+                    cursor = Some(stored.seq);
+                }
+                page.len() == FOLLOW_PAGE as usize
+            }),
+        };
+        match read {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "could not read the event log for live views"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = changed.notified() => {}
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
         }
     }
 }

@@ -41,6 +41,7 @@ use crate::notify::{Pacing, Sinks};
 use crate::open_files::{self, Budget};
 use crate::storage::leader::Leadership;
 use crate::storage::{self, Store, StoreError};
+use tokio_util::task::AbortOnDropHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -69,6 +70,8 @@ pub struct Application {
     store: Arc<dyn Store>,
     sinks: Arc<Sinks>,
     leadership: Arc<dyn Leadership>,
+    /// The event log, for live views that follow it.
+    log: Arc<dyn storage::NotificationStore>,
     metrics: Arc<Metrics>,
     endpoint: Endpoint,
     broker: Option<EmbeddedBroker>,
@@ -105,6 +108,7 @@ impl Application {
         )
         .await?;
         let leadership = Arc::clone(&stores.leadership);
+        let log = Arc::clone(&stores.notifications);
         let store = stores.devices;
         let http = http::bind(settings.http.listen)
             .map_err(|e| StartError::Http(settings.http.listen, e))?;
@@ -159,6 +163,7 @@ impl Application {
             store,
             sinks,
             leadership,
+            log,
             metrics: Arc::new(Metrics::default()),
             endpoint,
             broker,
@@ -201,8 +206,28 @@ impl Application {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), RunError> {
         let hb = &self.settings.heartbeat;
-        let alerts =
+        let mut alerts =
             AlertChannel::new(Arc::clone(&self.metrics)).with_sinks(Arc::clone(&self.sinks));
+        // A database other hubs may share: viewers follow the log, so each hub's
+        // dashboard shows every hub's transitions.
+        let shared = !self.settings.database.url.starts_with("sqlite:");
+        if shared {
+            alerts = alerts.with_live_from_log();
+        }
+        let live_changed = Arc::new(tokio::sync::Notify::new());
+        let _hearing = hear_commits(
+            Arc::clone(&self.leadership),
+            vec![alerts.outbox_changed(), Arc::clone(&live_changed)],
+            Arc::clone(&self.sinks),
+        );
+        let _following = shared.then(|| {
+            AbortOnDropHandle::new(tokio::spawn(crate::alerts::follow_log(
+                Arc::clone(&self.log),
+                alerts.clone(),
+                live_changed,
+                CancellationToken::new(),
+            )))
+        });
         let (queue, inbox) = mpsc::channel(hb.queue_capacity);
         let ingest_stop = CancellationToken::new();
         let publish_stop = CancellationToken::new();
@@ -364,6 +389,29 @@ impl Application {
     }
 }
 
+/// Wakes `wake` and the sinks whenever any hub sharing the database commits events,
+/// until the returned handle is dropped.
+fn hear_commits(
+    leadership: Arc<dyn Leadership>,
+    wake: Vec<Arc<tokio::sync::Notify>>,
+    sinks: Arc<Sinks>,
+) -> AbortOnDropHandle<()> {
+    let heard = Arc::new(tokio::sync::Notify::new());
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        let listening = leadership.listen(Arc::clone(&heard));
+        let forwarding = async {
+            loop {
+                heard.notified().await;
+                for wake in &wake {
+                    wake.notify_one();
+                }
+                sinks.wake();
+            }
+        };
+        tokio::join!(listening, forwarding);
+    }))
+}
+
 /// What sends the outbox on: the status publisher and the notification sinks, run
 /// while this hub leads (always, on a database only it uses).
 struct Outbox {
@@ -382,23 +430,7 @@ impl Outbox {
     /// only if the publisher failed on its own.
     async fn run(self, stop: CancellationToken) {
         let mut led = false;
-        // Another hub's commits wake the publisher and the sinks alike.
-        let elsewhere = Arc::new(tokio::sync::Notify::new());
-        while let Some(term) = self.leadership.acquire(&stop, &elsewhere).await {
-            let forward = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
-                let (elsewhere, wake, sinks) = (
-                    Arc::clone(&elsewhere),
-                    Arc::clone(&self.wake),
-                    Arc::clone(&self.sinks),
-                );
-                async move {
-                    loop {
-                        elsewhere.notified().await;
-                        wake.notify_one();
-                        sinks.wake();
-                    }
-                }
-            }));
+        while let Some(term) = self.leadership.acquire(&stop).await {
             if led {
                 tracing::info!(
                     "this hub leads again: it publishes status events and sends notifications"
@@ -427,7 +459,6 @@ impl Outbox {
             settle(publisher).await;
             settle(sinks).await;
             // Given up only now, so the next leader starts after this one stopped.
-            drop(forward);
             drop(term);
             if failed {
                 return;

@@ -1,4 +1,5 @@
-//! Which hub publishes the outbox and delivers notifications.
+//! How a hub works with the others sharing its database: which one publishes the
+//! outbox and delivers notifications, and how each hears the others' commits.
 //!
 //! Every hub sharing a database decides transitions and adds them to one outbox; one
 //! of them at a time sends the outbox on (the status publisher, the notification
@@ -18,7 +19,7 @@ use tokio_util::task::AbortOnDropHandle;
 /// hold on the database is gone); dropping the term gives the lead up.
 pub struct Term {
     pub lost: CancellationToken,
-    _keepers: Vec<AbortOnDropHandle<()>>,
+    _keeper: Option<AbortOnDropHandle<()>>,
 }
 
 impl Term {
@@ -26,16 +27,16 @@ impl Term {
     pub fn forever() -> Self {
         Self {
             lost: CancellationToken::new(),
-            _keepers: Vec::new(),
+            _keeper: None,
         }
     }
 
-    /// A term tasks keep (one cancels `lost` when the hold ends); they are stopped
-    /// when the term is dropped.
-    pub fn kept(lost: CancellationToken, keepers: Vec<tokio::task::JoinHandle<()>>) -> Self {
+    /// A term a task keeps: it cancels `lost` when the hold ends, and is stopped when
+    /// the term is dropped.
+    pub fn kept(lost: CancellationToken, keeper: tokio::task::JoinHandle<()>) -> Self {
         Self {
             lost,
-            _keepers: keepers.into_iter().map(AbortOnDropHandle::new).collect(),
+            _keeper: Some(AbortOnDropHandle::new(keeper)),
         }
     }
 }
@@ -43,9 +44,13 @@ impl Term {
 #[async_trait]
 pub trait Leadership: Send + Sync + 'static {
     /// Waits until this hub leads and returns its term, or `None` once `stop` is
-    /// cancelled first. During the term, `outbox_grew` is notified when another hub
-    /// adds to the outbox (this hub's own writes notify it in-process).
-    async fn acquire(&self, stop: &CancellationToken, outbox_grew: &Arc<Notify>) -> Option<Term>;
+    /// cancelled first.
+    async fn acquire(&self, stop: &CancellationToken) -> Option<Term>;
+
+    /// Notifies `outbox_grew` whenever any hub sharing the database commits events,
+    /// this one included, until the future is dropped. A database only one hub uses
+    /// never notifies: that hub's own commits say so in-process.
+    async fn listen(&self, outbox_grew: Arc<Notify>);
 }
 
 /// A database only one hub uses (SQLite): that hub always leads.
@@ -53,7 +58,11 @@ pub struct Alone;
 
 #[async_trait]
 impl Leadership for Alone {
-    async fn acquire(&self, stop: &CancellationToken, _: &Arc<Notify>) -> Option<Term> {
+    async fn acquire(&self, stop: &CancellationToken) -> Option<Term> {
         (!stop.is_cancelled()).then(Term::forever)
+    }
+
+    async fn listen(&self, _: Arc<Notify>) {
+        std::future::pending().await
     }
 }

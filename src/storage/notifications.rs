@@ -91,6 +91,9 @@ pub trait NotificationStore: Send + Sync + 'static {
         skip_to_end: bool,
     ) -> Result<(), StoreError>;
 
+    /// The position of the latest event in the log (0: none yet).
+    async fn log_end(&self) -> Result<i64, StoreError>;
+
     /// Transitions after `after`, in commit order, at most `limit`; deletions left out.
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<StoredEvent>, StoreError>;
 

@@ -139,8 +139,11 @@ async fn due_devices<S: NotificationStore>(
 pub(crate) async fn a_new_sink_starts_at_the_end_of_the_log<S: Store + NotificationStore>(
     store: Arc<S>,
 ) {
+    assert_eq!(store.log_end().await.expect("end"), 0, "an empty log");
     beats(&*store, 1_000, &[("a", true)]).await;
     let (cursor, enabled) = store.sink_state("ops").await.expect("state");
+    assert!(cursor > 0);
+    assert_eq!(store.log_end().await.expect("end"), cursor);
     assert!(
         store
             .events_after(cursor, 10)

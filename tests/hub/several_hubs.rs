@@ -230,3 +230,51 @@ async fn two_hubs_report_every_transition_once_and_one_carries_on_when_the_other
         hub_b.log.join("\n")
     );
 }
+
+/// A hub under test on the shared Mosquitto and database.
+async fn in_process_hub(url: &BrokerUrl, db: &ScratchDatabase) -> TestApp {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut settings = test_settings(&Broker::External(url.clone()), &dir.path().join("unused"));
+    settings.database.url = db.url.clone();
+    settings.mqtt.shared_group = "hubs".into();
+    start(settings, dir).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_hubs_live_stream_shows_every_hubs_transitions() {
+    let mosquitto = Mosquitto::start();
+    let db = ScratchDatabase::create().await;
+    let (one, two) = (
+        in_process_hub(&mosquitto.url, &db).await,
+        in_process_hub(&mosquitto.url, &db).await,
+    );
+    let mut stream = two.send(reqwest::Method::GET, "/api/v1/stream").await;
+    assert_eq!(stream.status(), reqwest::StatusCode::OK);
+    // Committed by hub one, through its API.
+    let registered = one
+        .request(reqwest::Method::POST, "/api/v1/devices")
+        .json(&serde_json::json!({"device_id": "spare-1"}))
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(registered.status(), reqwest::StatusCode::CREATED);
+    let mut received = String::new();
+    within(
+        PATIENCE,
+        "hub one's transition on hub two's stream",
+        async {
+            while !received.contains("\"device_id\":\"spare-1\"") {
+                let chunk = stream.chunk().await.expect("stream open").expect("a chunk");
+                received.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        },
+    )
+    .await;
+    assert!(
+        received.contains("\"status\":\"provisioning\""),
+        "{received}"
+    );
+    one.stop().await;
+    two.stop().await;
+}

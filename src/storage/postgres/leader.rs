@@ -51,7 +51,7 @@ impl PgLeadership {
 
 #[async_trait]
 impl Leadership for PgLeadership {
-    async fn acquire(&self, stop: &CancellationToken, outbox_grew: &Arc<Notify>) -> Option<Term> {
+    async fn acquire(&self, stop: &CancellationToken) -> Option<Term> {
         let mut failing = false;
         loop {
             if stop.is_cancelled() {
@@ -61,9 +61,7 @@ impl Leadership for PgLeadership {
                 Ok(Some(conn)) => {
                     let lost = CancellationToken::new();
                     let keeper = tokio::spawn(keep(conn, lost.clone()));
-                    let listener =
-                        tokio::spawn(listen(self.options.clone(), Arc::clone(outbox_grew)));
-                    return Some(Term::kept(lost, vec![keeper, listener]));
+                    return Some(Term::kept(lost, keeper));
                 }
                 Ok(None) => failing = false,
                 Err(e) => {
@@ -79,33 +77,32 @@ impl Leadership for PgLeadership {
             }
         }
     }
-}
 
-/// Wakes `outbox_grew` whenever a transaction that added events commits, on any hub
-/// (its connection re-made when lost; a notification missed meanwhile is caught by the
-/// publisher's own periodic read).
-async fn listen(options: PgConnectOptions, outbox_grew: Arc<Notify>) {
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_lazy_with(options);
-    let mut failing = false;
-    loop {
-        let listening = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(OUTBOX_CHANNEL).await?;
-            loop {
-                listener.recv().await?;
-                outbox_grew.notify_one();
+    /// Re-makes its connection when lost; a notification missed meanwhile is caught by
+    /// the publisher's and the sinks' own periodic reads.
+    async fn listen(&self, outbox_grew: Arc<Notify>) {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(self.options.clone());
+        let mut failing = false;
+        loop {
+            let listening = async {
+                let mut listener = PgListener::connect_with(&pool).await?;
+                listener.listen(OUTBOX_CHANNEL).await?;
+                loop {
+                    listener.recv().await?;
+                    outbox_grew.notify_one();
+                }
+            };
+            let result: Result<(), sqlx::Error> = listening.await;
+            if let Err(e) = result
+                && !failing
+            {
+                tracing::warn!(error = %e, "cannot listen for other hubs' status events; reading the outbox every second");
             }
-        };
-        let result: Result<(), sqlx::Error> = listening.await;
-        if let Err(e) = result
-            && !failing
-        {
-            tracing::warn!(error = %e, "cannot listen for other hubs' status events; reading the outbox every second");
+            failing = true;
+            tokio::time::sleep(RETRY).await;
         }
-        failing = true;
-        tokio::time::sleep(RETRY).await;
     }
 }
 
@@ -150,16 +147,13 @@ mod tests {
         let db = ScratchDatabase::create().await;
         let (first, second) = (leadership(&db).await, leadership(&db).await);
         let stop = CancellationToken::new();
-        let term = tokio::time::timeout(PATIENCE, first.acquire(&stop, &Arc::default()))
+        let term = tokio::time::timeout(PATIENCE, first.acquire(&stop))
             .await
             .expect("the first hub leads at once")
             .expect("not stopped");
         let waiting = tokio::spawn(async move {
             let stop = CancellationToken::new();
-            second
-                .acquire(&stop, &Arc::default())
-                .await
-                .map(|term| (term, second))
+            second.acquire(&stop).await.map(|term| (term, second))
         });
         // Two of its retries pass without the lead changing hands.
         tokio::time::sleep(RETRY * 2 + RETRY / 2).await;
@@ -182,7 +176,7 @@ mod tests {
         let db = ScratchDatabase::create().await;
         let (first, second) = (leadership(&db).await, leadership(&db).await);
         let stop = CancellationToken::new();
-        let term = first.acquire(&stop, &Arc::default()).await.expect("leads");
+        let term = first.acquire(&stop).await.expect("leads");
         // The server ends the leader's connection, as when its host vanishes.
         let mut admin = PgConnection::connect(&db.url).await.expect("connect");
         let ended: i64 = sqlx::query_scalar(
@@ -199,20 +193,20 @@ mod tests {
         tokio::time::timeout(PATIENCE, term.lost.cancelled())
             .await
             .expect("the old leader learns it lost the lead");
-        let next = tokio::time::timeout(PATIENCE, second.acquire(&stop, &Arc::default()))
+        let next = tokio::time::timeout(PATIENCE, second.acquire(&stop))
             .await
             .expect("another hub leads")
             .expect("not stopped");
         assert!(!next.lost.is_cancelled());
         stop.cancel();
         assert!(
-            first.acquire(&stop, &Arc::default()).await.is_none(),
+            first.acquire(&stop).await.is_none(),
             "a stopped hub does not wait to lead"
         );
     }
 
     #[tokio::test]
-    async fn the_leader_hears_at_once_when_another_hub_adds_to_the_outbox() {
+    async fn a_hub_hears_at_once_when_another_hub_adds_to_the_outbox() {
         use crate::clock::Timestamp;
         use crate::storage::Store;
 
@@ -221,11 +215,12 @@ mod tests {
             .await
             .expect("store");
         let grew = Arc::new(Notify::new());
-        let _term = leadership(&db)
-            .await
-            .acquire(&CancellationToken::new(), &grew)
-            .await
-            .expect("leads");
+        let hub = leadership(&db).await;
+        let listening = tokio::spawn({
+            let grew = Arc::clone(&grew);
+            async move { hub.listen(grew).await }
+        });
+        let _listening = tokio_util::task::AbortOnDropHandle::new(listening);
         // The listener connects in the background: commit until it hears one.
         let heard = tokio::time::timeout(PATIENCE, async {
             for n in 0.. {

@@ -55,6 +55,14 @@ impl NotificationStore for PgStore {
         Ok(())
     }
 
+    async fn log_end(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM status_events")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
         sqlx::query(concat!(
             "SELECT ",
