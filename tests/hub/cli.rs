@@ -91,7 +91,7 @@ async fn check_and_devices_commands_read_the_database_and_the_hub_publishes_chec
     watcher.expect("cron-1", Status::Online, "registered").await;
     device.silence().await.expect("silence");
 
-    let db = app.db_path.clone();
+    let db = app.db_path().to_path_buf();
     let dir = tempfile::tempdir().expect("tempdir");
     // With a one-second deadline, a CLI pass finds the device overdue.
     let env = [

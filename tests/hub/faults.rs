@@ -98,7 +98,7 @@ async fn a_write_lock_held_for_30_s_delays_commits_and_loses_or_invents_nothing(
 
     // Another process's writer (a backup, a migration, `sqlite3` left open) holds the
     // write lock.
-    let url = format!("sqlite://{}", app.db_path.display());
+    let url = format!("sqlite://{}", app.db_path().display());
     let mut locker = sqlx::SqliteConnection::connect(&url)
         .await
         .expect("second connection");

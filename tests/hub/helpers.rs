@@ -1,5 +1,5 @@
-//! Test harness: a real hub on a real broker and a temporary SQLite file, devices from
-//! firmware-sim, and an operator's view of `devices/+/status`.
+//! Test harness: a real hub on a real broker and a fresh database (see database.rs),
+//! devices from firmware-sim, and an operator's view of `devices/+/status`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,6 +18,8 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{self, Instant};
+
+pub use crate::database::{Database, TestDatabase};
 
 /// Default wait for something that should happen.
 pub const PATIENCE: Duration = Duration::from_secs(15);
@@ -50,10 +52,26 @@ pub enum Broker {
     External(BrokerUrl),
 }
 
-/// Settings for a hub under test: short offline_after, fast checks, fresh database.
-pub fn test_settings(broker: &Broker, db: &std::path::Path) -> Settings {
+/// What a hub under test runs on. A bare [`Broker`] means a fresh SQLite file.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    pub broker: Broker,
+    pub database: Database,
+}
+
+impl From<Broker> for Setup {
+    fn from(broker: Broker) -> Self {
+        Self {
+            broker,
+            database: Database::Sqlite,
+        }
+    }
+}
+
+/// Settings for a hub under test: short offline_after, fast checks, the database `db`.
+pub fn test_settings(broker: &Broker, db: &TestDatabase) -> Settings {
     let mut settings = Settings::default();
-    settings.database.url = format!("sqlite://{}", db.display());
+    settings.database.url = db.url();
     settings.heartbeat.offline_after = OFFLINE_AFTER;
     settings.heartbeat.check_interval = Duration::from_millis(100);
     settings.heartbeat.flush_interval = Duration::from_millis(50);
@@ -73,8 +91,6 @@ pub fn test_settings(broker: &Broker, db: &std::path::Path) -> Settings {
 
 pub struct TestApp {
     pub url: BrokerUrl,
-    /// The hub's SQLite file.
-    pub db_path: std::path::PathBuf,
     /// Base URL of the hub's HTTP server, e.g. `http://127.0.0.1:41234`.
     pub http: String,
     /// The API key the hub was configured with, if any.
@@ -85,26 +101,28 @@ pub struct TestApp {
     pub listening: fleetwatch::checker::Listening,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    database: Arc<TestDatabase>,
 }
 
-/// Starts a hub on `broker` with the test settings, changed by `tweak`, and returns
-/// once it is subscribed.
-pub async fn spawn_app_with(broker: Broker, tweak: impl FnOnce(&mut Settings)) -> TestApp {
-    init_logging();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut settings = test_settings(&broker, &dir.path().join("fleetwatch.db"));
+/// Starts a hub on a fresh database of the setup's kind and on its broker, with the
+/// test settings changed by `tweak`, and returns once it is subscribed.
+pub async fn spawn_app_with(setup: impl Into<Setup>, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    let setup = setup.into();
+    let database = TestDatabase::create(setup.database).await;
+    let mut settings = test_settings(&setup.broker, &database);
     tweak(&mut settings);
-    start(settings, dir).await
+    start(settings, database).await
 }
 
-pub async fn spawn_app(broker: Broker) -> TestApp {
-    spawn_app_with(broker, |_| {}).await
+pub async fn spawn_app(setup: impl Into<Setup>) -> TestApp {
+    spawn_app_with(setup, |_| {}).await
 }
 
-/// Starts a hub with exactly these settings; `dir` is kept alive with it.
-pub async fn start(settings: Settings, dir: tempfile::TempDir) -> TestApp {
-    let db_path = std::path::PathBuf::from(settings.database.url.trim_start_matches("sqlite://"));
+/// Starts a hub with exactly these settings, which name `database`; the database
+/// lives at least as long as the hub (share it to restart a hub on it).
+pub async fn start(settings: Settings, database: impl Into<Arc<TestDatabase>>) -> TestApp {
+    init_logging();
+    let database = database.into();
     let external =
         matches!(settings.mqtt.broker, BrokerMode::External).then(|| settings.mqtt.url.clone());
     let api_key = settings
@@ -139,7 +157,6 @@ pub async fn start(settings: Settings, dir: tempfile::TempDir) -> TestApp {
     .expect("listening watch alive");
     TestApp {
         url,
-        db_path,
         http,
         api_key,
         metrics,
@@ -147,11 +164,18 @@ pub async fn start(settings: Settings, dir: tempfile::TempDir) -> TestApp {
         listening,
         stop: Some(stop),
         task: Some(task),
-        _dir: dir,
+        database,
     }
 }
 
 impl TestApp {
+    /// The hub's SQLite file, for the tests that reach into SQLite itself.
+    pub fn db_path(&self) -> &std::path::Path {
+        self.database
+            .sqlite_path()
+            .expect("a hub on SQLite (this test reaches into the file)")
+    }
+
     /// A simulated device heartbeating every `interval`.
     pub async fn device(&self, id: &str, interval: Duration) -> SimDevice {
         sim_device(&self.url, id, interval).await

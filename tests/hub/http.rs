@@ -454,9 +454,9 @@ async fn health_is_ok_when_every_part_works_and_names_the_part_that_does_not() {
     app.stop().await;
 
     // A hub whose external broker is not there.
-    let dir = tempfile::tempdir().expect("tempdir");
+    let database = TestDatabase::create(Database::Sqlite).await;
     let nobody = firmware_sim::BrokerUrl::new("127.0.0.1", free_port());
-    let settings = test_settings(&Broker::External(nobody), &dir.path().join("x.db"));
+    let settings = test_settings(&Broker::External(nobody), &database);
     let app = fleetwatch::app::Application::build(settings)
         .await
         .expect("builds without its broker");

@@ -1,11 +1,13 @@
-//! Integration tests: the real hub, a real broker, a temporary SQLite file, devices
-//! driven by firmware-sim. All of tests/ builds into this one binary.
+//! Integration tests: the real hub, a real broker, a fresh database, devices driven by
+//! firmware-sim. All of tests/ builds into this one binary.
 //!
-//! The core scenarios run against the embedded broker always, and against a real
-//! Mosquitto (started by the test on a free port) with `--features mosquitto-tests`.
+//! The core scenarios run against the embedded broker on SQLite always, against a real
+//! Mosquitto (started by the test on a free port) with `--features mosquitto-tests`,
+//! and on PostgreSQL (a database per test) with `--features postgres-tests`.
 
 mod browser;
 mod cli;
+mod database;
 mod faults;
 mod helpers;
 mod http;
@@ -20,10 +22,11 @@ mod several_hubs;
 mod sim;
 
 /// Every core scenario as a test of its own, run against the broker `$broker`
-/// evaluates to: a `(Broker, guard)` pair, the guard kept alive for the test.
+/// evaluates to (a `(Broker, guard)` pair, the guard kept alive for the test) on a
+/// fresh database of the kind `$database`.
 macro_rules! core_scenarios {
-    ($broker:expr) => {
-        core_scenarios!($broker =>
+    ($broker:expr, $database:expr) => {
+        core_scenarios!($broker, $database =>
             first_heartbeat_registers_online_and_last_seen_moves,
             silence_means_one_offline_event_and_recovery_one_online_event,
             a_hundred_devices_silent_at_once_are_all_reported,
@@ -35,24 +38,31 @@ macro_rules! core_scenarios {
             a_backlog_larger_than_a_page_is_all_published,
         );
     };
-    ($broker:expr => $($scenario:ident),+ $(,)?) => {
+    ($broker:expr, $database:expr => $($scenario:ident),+ $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $scenario() {
                 let (broker, _guard) = $broker;
-                crate::scenarios::$scenario(broker).await;
+                let database = $database;
+                crate::scenarios::$scenario(crate::helpers::Setup { broker, database }).await;
             }
         )+
     };
 }
 
 mod embedded {
-    core_scenarios!((crate::helpers::Broker::Embedded, ()));
+    core_scenarios!(
+        (crate::helpers::Broker::Embedded, ()),
+        crate::helpers::Database::Sqlite
+    );
 }
 
 #[cfg(feature = "mosquitto-tests")]
 mod external_mosquitto {
-    core_scenarios!(crate::mosquitto::Mosquitto::start().broker());
+    core_scenarios!(
+        crate::mosquitto::Mosquitto::start().broker(),
+        crate::helpers::Database::Sqlite
+    );
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn retained_heartbeats_from_before_the_hub_started_are_ignored() {
@@ -111,5 +121,28 @@ mod external_mosquitto {
             }
         })
         .await;
+    }
+}
+
+/// The hub on PostgreSQL: every core scenario on the embedded broker (and on a real
+/// Mosquitto too with `--features mosquitto-tests`), and the SIGKILL restart.
+#[cfg(feature = "postgres-tests")]
+mod postgres {
+    core_scenarios!(
+        (crate::helpers::Broker::Embedded, ()),
+        crate::helpers::Database::Postgres
+    );
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigkill_and_restart_lose_nothing_repeat_nothing_and_respect_the_grace() {
+        crate::restart::sigkill_and_restart(crate::helpers::Database::Postgres).await;
+    }
+
+    #[cfg(feature = "mosquitto-tests")]
+    mod external_mosquitto {
+        core_scenarios!(
+            crate::mosquitto::Mosquitto::start().broker(),
+            crate::helpers::Database::Postgres
+        );
     }
 }

@@ -149,27 +149,36 @@ impl HubProcess {
     }
 }
 
-/// The environment of a hub process on an embedded broker at `port` and the
-/// database `db`.
+/// The environment of a hub process on an embedded broker at `port` and the SQLite
+/// file `db`.
 pub fn hub_env(port: u16, db: &Path) -> Vec<(&'static str, String)> {
+    hub_env_on(port, format!("sqlite://{}", db.display()))
+}
+
+/// The environment of a hub process on an embedded broker at `port` and the database
+/// `database_url` names.
+pub fn hub_env_on(port: u16, database_url: String) -> Vec<(&'static str, String)> {
     vec![
         ("FLEETWATCH_MQTT__LISTEN", format!("127.0.0.1:{port}")),
-        (
-            "FLEETWATCH_DATABASE__URL",
-            format!("sqlite://{}", db.display()),
-        ),
+        ("FLEETWATCH_DATABASE__URL", database_url),
         ("FLEETWATCH_HTTP__LISTEN", "127.0.0.1:0".into()),
     ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_restart_lose_nothing_repeat_nothing_and_respect_the_grace() {
+    sigkill_and_restart(Database::Sqlite).await;
+}
+
+/// The hub process killed and restarted on one database of the kind `kind` (main.rs
+/// runs it on PostgreSQL too).
+pub async fn sigkill_and_restart(kind: Database) {
     init_logging();
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("fleetwatch.db");
+    let database = TestDatabase::create(kind).await;
     let port = free_port();
     let url = BrokerUrl::new("127.0.0.1", port);
-    let mut env = hub_env(port, &db);
+    let mut env = hub_env_on(port, database.url());
     env.push((
         "FLEETWATCH_HEARTBEAT__OFFLINE_AFTER",
         format!("{}ms", OFFLINE_AFTER.as_millis()),
@@ -241,7 +250,7 @@ async fn sigkill_and_restart_lose_nothing_repeat_nothing_and_respect_the_grace()
         );
     }
     // The device really was heard again by the new hub.
-    let store = fleetwatch::storage::connect(&format!("sqlite://{}", db.display()))
+    let store = fleetwatch::storage::connect(&database.url())
         .await
         .expect("store");
     let heard = store

@@ -1,4 +1,5 @@
-//! The core scenarios, written once and run against each broker (see main.rs).
+//! The core scenarios, written once and run against each broker and each database
+//! (see main.rs).
 
 use std::time::Duration;
 
@@ -14,8 +15,8 @@ fn millis_between(earlier: Timestamp, later: Timestamp) -> i64 {
     later.millis_since(earlier)
 }
 
-pub async fn first_heartbeat_registers_online_and_last_seen_moves(broker: Broker) {
-    let app = spawn_app(broker).await;
+pub async fn first_heartbeat_registers_online_and_last_seen_moves(setup: Setup) {
+    let app = spawn_app(setup).await;
     let mut watcher = app.watch().await;
     let device = app.device("pump-7", Duration::from_secs(3600)).await;
 
@@ -52,8 +53,8 @@ pub async fn first_heartbeat_registers_online_and_last_seen_moves(broker: Broker
     app.stop().await;
 }
 
-pub async fn silence_means_one_offline_event_and_recovery_one_online_event(broker: Broker) {
-    let app = spawn_app(broker).await;
+pub async fn silence_means_one_offline_event_and_recovery_one_online_event(setup: Setup) {
+    let app = spawn_app(setup).await;
     let mut watcher = app.watch().await;
     let device = app.device("quiet-1", BEAT).await;
     watcher
@@ -93,8 +94,8 @@ pub async fn silence_means_one_offline_event_and_recovery_one_online_event(broke
     app.stop().await;
 }
 
-pub async fn a_hundred_devices_silent_at_once_are_all_reported(broker: Broker) {
-    let app = spawn_app(broker).await;
+pub async fn a_hundred_devices_silent_at_once_are_all_reported(setup: Setup) {
+    let app = spawn_app(setup).await;
     let mut watcher = app.watch().await;
     let mut devices = Vec::new();
     for i in 0..100 {
@@ -122,8 +123,8 @@ pub async fn a_hundred_devices_silent_at_once_are_all_reported(broker: Broker) {
     app.stop().await;
 }
 
-pub async fn error_heartbeat_means_error_and_the_next_ok_one_online(broker: Broker) {
-    let app = spawn_app(broker).await;
+pub async fn error_heartbeat_means_error_and_the_next_ok_one_online(setup: Setup) {
+    let app = spawn_app(setup).await;
     let mut watcher = app.watch().await;
     let device = app.device("sensor-err", BEAT).await;
     watcher
@@ -155,9 +156,9 @@ pub async fn error_heartbeat_means_error_and_the_next_ok_one_online(broker: Brok
     app.stop().await;
 }
 
-pub async fn a_cut_connection_fires_the_will_before_the_deadline(broker: Broker) {
+pub async fn a_cut_connection_fires_the_will_before_the_deadline(setup: Setup) {
     // A deadline far away: only the Will can take the device offline in time.
-    let app = spawn_app_with(broker, |s| {
+    let app = spawn_app_with(setup, |s| {
         s.heartbeat.offline_after = Duration::from_secs(600)
     })
     .await;
@@ -176,8 +177,8 @@ pub async fn a_cut_connection_fires_the_will_before_the_deadline(broker: Broker)
     app.stop().await;
 }
 
-pub async fn a_device_beating_just_inside_offline_after_never_flaps(broker: Broker) {
-    let app = spawn_app(broker).await;
+pub async fn a_device_beating_just_inside_offline_after_never_flaps(setup: Setup) {
+    let app = spawn_app(setup).await;
     let mut watcher = app.watch().await;
     // 80% of the deadline: each heartbeat lands 400 ms before the device would be due.
     let _device = app.device("steady-1", OFFLINE_AFTER.mul_f64(0.8)).await;
@@ -263,8 +264,8 @@ fn bad_messages() -> Vec<(String, Vec<u8>, RejectReason)> {
     ]
 }
 
-pub async fn bad_input_is_rejected_counted_and_changes_nothing(broker: Broker) {
-    let app = spawn_app(broker).await;
+pub async fn bad_input_is_rejected_counted_and_changes_nothing(setup: Setup) {
+    let app = spawn_app(setup).await;
     let mut watcher = app.watch().await;
     let good = app.device("good-1", BEAT).await;
     watcher.expect("good-1", Status::Online, "registered").await;
@@ -353,10 +354,9 @@ pub async fn bad_input_is_rejected_counted_and_changes_nothing(broker: Broker) {
     app.stop().await;
 }
 
-pub async fn events_committed_before_start_are_published(broker: Broker) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("fleetwatch.db");
-    let settings = test_settings(&broker, &db);
+pub async fn events_committed_before_start_are_published(setup: Setup) {
+    let database = TestDatabase::create(setup.database).await;
+    let settings = test_settings(&setup.broker, &database);
     // Committed, never published: what a crash between commit and publish leaves.
     let store = fleetwatch::storage::connect(&settings.database.url)
         .await
@@ -368,7 +368,7 @@ pub async fn events_committed_before_start_are_published(broker: Broker) {
         .expect("register");
     drop(store);
 
-    let app = start(settings, dir).await;
+    let app = start(settings, database).await;
     let mut watcher = app.watch().await;
     let seen = watcher.next("spare-9", PATIENCE).await;
     assert_eq!(seen.event, registered, "same event, same id");
@@ -379,9 +379,9 @@ pub async fn events_committed_before_start_are_published(broker: Broker) {
     app.stop().await;
 }
 
-pub async fn a_backlog_larger_than_a_page_is_all_published(broker: Broker) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let settings = test_settings(&broker, &dir.path().join("fleetwatch.db"));
+pub async fn a_backlog_larger_than_a_page_is_all_published(setup: Setup) {
+    let database = std::sync::Arc::new(TestDatabase::create(setup.database).await);
+    let settings = test_settings(&setup.broker, &database);
     let store = fleetwatch::storage::connect(&settings.database.url)
         .await
         .expect("store");
@@ -392,14 +392,14 @@ pub async fn a_backlog_larger_than_a_page_is_all_published(broker: Broker) {
     }
 
     // Stopped at once: the shutdown drain alone must deliver all three pages.
-    let app = start(settings.clone(), tempfile::tempdir().expect("tempdir")).await;
+    let app = start(settings.clone(), database.clone()).await;
     app.stop().await;
     assert_eq!(store.unpublished(0, 10).await.expect("read"), vec![]);
 
     // A broker holding none of those retained statuses (the embedded one on a fresh
     // port, or a fresh Mosquitto) gets them all republished, paged.
     let mut again = settings;
-    let _fresh = match &broker {
+    let _fresh = match &setup.broker {
         Broker::Embedded => {
             again.mqtt.listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
             None
@@ -410,7 +410,7 @@ pub async fn a_backlog_larger_than_a_page_is_all_published(broker: Broker) {
             Some(fresh)
         }
     };
-    let app = start(again, tempfile::tempdir().expect("tempdir")).await;
+    let app = start(again, database).await;
     let mut watcher = app.watch().await;
     watcher
         .wait_for_count(Status::Provisioning, 3000, PATIENCE)
