@@ -2,12 +2,14 @@
 //! subscription on a real Mosquitto and share one PostgreSQL database.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use firmware_sim::{BrokerUrl, SimDevice};
 use fleetwatch::status::Status;
 use fleetwatch::storage::postgres::scratch::ScratchDatabase;
 
+use crate::database::{Database, TestDatabase};
 use crate::helpers::*;
 use crate::mosquitto::Mosquitto;
 use crate::restart::HubProcess;
@@ -232,19 +234,16 @@ async fn two_hubs_report_every_transition_once_and_one_carries_on_when_the_other
 }
 
 /// A hub under test on the shared Mosquitto and database.
-async fn in_process_hub(url: &BrokerUrl, db: &ScratchDatabase) -> TestApp {
-    init_logging();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut settings = test_settings(&Broker::External(url.clone()), &dir.path().join("unused"));
-    settings.database.url = db.url.clone();
+async fn in_process_hub(url: &BrokerUrl, db: &Arc<TestDatabase>) -> TestApp {
+    let mut settings = test_settings(&Broker::External(url.clone()), db);
     settings.mqtt.shared_group = "hubs".into();
-    start(settings, dir).await
+    start(settings, Arc::clone(db)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_hubs_live_stream_shows_every_hubs_transitions() {
     let mosquitto = Mosquitto::start();
-    let db = ScratchDatabase::create().await;
+    let db = Arc::new(TestDatabase::create(Database::Postgres).await);
     let (one, two) = (
         in_process_hub(&mosquitto.url, &db).await,
         in_process_hub(&mosquitto.url, &db).await,
