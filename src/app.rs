@@ -113,17 +113,25 @@ impl Application {
         let http = http::bind(settings.http.listen)
             .map_err(|e| StartError::Http(settings.http.listen, e))?;
         let max_payload = settings.heartbeat.max_payload;
-        let (broker, host, port, credentials) = match settings.mqtt.broker {
+        let (broker, host, port, credentials, tls) = match settings.mqtt.broker {
             BrokerMode::Embedded => {
                 let broker =
                     EmbeddedBroker::start(settings.mqtt.listen, broker_packet_limit(max_payload))
                         .await?;
                 let addr = broker.local_addr();
-                (Some(broker), addr.ip().to_string(), addr.port(), None)
+                (Some(broker), addr.ip().to_string(), addr.port(), None, None)
             }
             BrokerMode::External => {
-                let url = settings.broker_url()?;
-                (None, url.host, url.port, url.credentials)
+                let external = settings.external_broker()?;
+                // Read now: a missing CA file stops start-up, naming mqtt.ca_file.
+                let tls = match &external.tls {
+                    Some(files) => Some(files.client_config().map_err(ConfigError::from)?),
+                    None => None,
+                };
+                let credentials = external
+                    .login
+                    .map(|(user, password)| (user, password.expose().to_string()));
+                (None, external.host, external.port, credentials, tls)
             }
         };
         let client_id = if settings.mqtt.client_id.is_empty() {
@@ -137,6 +145,7 @@ impl Application {
             host,
             port,
             credentials,
+            tls,
             client_id,
             max_payload,
             shared_group: Some(settings.mqtt.shared_group.clone()).filter(|g| !g.is_empty()),

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::heartbeat::payload::DEFAULT_MAX_PAYLOAD;
+use crate::mqtt::tls::{TlsError, TlsFiles};
 use crate::notify::SinkSpec;
 use crate::notify::filter::FilterSettings;
 use crate::registration::Policy;
@@ -144,8 +145,19 @@ pub struct MqttSettings {
     /// Where the embedded broker listens for devices.
     #[serde(with = "address")]
     pub listen: SocketAddr,
-    /// The external broker: `mqtt://[USER:PASSWORD@]HOST[:PORT]`.
+    /// The external broker: `mqtt://[USER:PASSWORD@]HOST[:PORT]`, or `mqtts://` for TLS.
     pub url: String,
+    /// The hub's login on the external broker, kept out of `mqtt.url` (so the password
+    /// can come from its own variable). Not both: [`Settings::external_broker`].
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// `mqtts://`: PEM certificates the broker's certificate must chain to (default:
+    /// the Mozilla roots).
+    pub ca_file: Option<PathBuf>,
+    /// `mqtts://`: a PEM certificate chain and its private key, for brokers that ask
+    /// clients for one.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
     /// Prefix of the hub's MQTT client ids; empty picks a unique one per start.
     pub client_id: String,
     /// Several hubs: the MQTT shared subscription group they read heartbeats through
@@ -348,6 +360,11 @@ impl Default for Settings {
                 broker: BrokerMode::Embedded,
                 listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
                 url: "mqtt://127.0.0.1:1883".into(),
+                username: None,
+                password: None,
+                ca_file: None,
+                client_cert: None,
+                client_key: None,
                 client_id: String::new(),
                 shared_group: String::new(),
             },
@@ -412,12 +429,32 @@ enum FileLayer<'a> {
     Text(&'a str),
 }
 
+impl From<TlsError> for ConfigError {
+    fn from(error: TlsError) -> Self {
+        Self::key(error.key, format!("{}: {}", error.path, error.problem))
+    }
+}
+
 /// The parsed external broker address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     pub host: String,
     pub port: u16,
     pub credentials: Option<(String, String)>,
+    /// `mqtts://`.
+    pub tls: bool,
+}
+
+/// The external broker as the hub reaches it: `mqtt.url` with the login and TLS keys
+/// folded in and checked against each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalBroker {
+    pub host: String,
+    pub port: u16,
+    /// Username and password, from `mqtt.url` or from `mqtt.username`/`mqtt.password`.
+    pub login: Option<(String, Secret)>,
+    /// `Some` for `mqtts://`; the files are read when the hub starts.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Settings {
@@ -565,8 +602,18 @@ impl Settings {
             ));
         }
         self.sinks()?;
-        if self.mqtt.broker == BrokerMode::External {
-            self.broker_url()?;
+        match self.mqtt.broker {
+            BrokerMode::External => {
+                self.external_broker()?;
+            }
+            BrokerMode::Embedded => {
+                if let Some(key) = self.external_only_keys().first() {
+                    return Err(ConfigError::key(
+                        key,
+                        "applies to an external broker: set mqtt.broker = \"external\"",
+                    ));
+                }
+            }
         }
         let keys = self.http.keys();
         if keys.iter().any(|key| key.expose().trim().is_empty()) {
@@ -652,17 +699,134 @@ impl Settings {
     pub fn broker_url(&self) -> Result<BrokerUrl, ConfigError> {
         parse_broker_url(&self.mqtt.url).map_err(|why| ConfigError::key("mqtt.url", why))
     }
+
+    /// The external broker with its login and TLS settings. Contradictions are refused
+    /// rather than resolved by a precedence rule: a login both in `mqtt.url` and in
+    /// `mqtt.username`/`mqtt.password`, TLS files with a plain `mqtt://` url (the
+    /// scheme alone says whether the connection is encrypted), half a client
+    /// certificate. An empty value counts as not set.
+    pub fn external_broker(&self) -> Result<ExternalBroker, ConfigError> {
+        let url = self.broker_url()?;
+        let mqtt = &self.mqtt;
+        let username = mqtt.username.as_ref().filter(|u| !u.is_empty());
+        let password = mqtt.password.as_ref().filter(|p| !p.expose().is_empty());
+        let login = match (url.credentials, username, password) {
+            (Some(_), Some(_), _) | (Some(_), None, Some(_)) => {
+                let key = if username.is_some() {
+                    "mqtt.username"
+                } else {
+                    "mqtt.password"
+                };
+                return Err(ConfigError::key(
+                    key,
+                    "mqtt.url already carries a login (USER:PASSWORD@); give it in one place",
+                ));
+            }
+            (Some((user, password)), None, None) => Some((user, Secret::new(password))),
+            (None, Some(user), password) => Some((
+                user.clone(),
+                password.cloned().unwrap_or_else(|| Secret::new("")),
+            )),
+            (None, None, Some(_)) => {
+                return Err(ConfigError::key(
+                    "mqtt.password",
+                    "is set but mqtt.username is not",
+                ));
+            }
+            (None, None, None) => None,
+        };
+        let file = |path: &Option<PathBuf>| path.clone().filter(|p| !p.as_os_str().is_empty());
+        let (ca_file, cert, key) = (
+            file(&mqtt.ca_file),
+            file(&mqtt.client_cert),
+            file(&mqtt.client_key),
+        );
+        let client_auth = match (cert, key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::key(
+                    "mqtt.client_key",
+                    "mqtt.client_cert needs its private key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::key(
+                    "mqtt.client_cert",
+                    "mqtt.client_key is set without its certificate",
+                ));
+            }
+        };
+        let tls = if url.tls {
+            Some(TlsFiles {
+                ca_file,
+                client_auth,
+            })
+        } else {
+            let given = [
+                ("mqtt.ca_file", ca_file.is_some()),
+                ("mqtt.client_cert", client_auth.is_some()),
+            ];
+            if let Some((key, _)) = given.iter().find(|(_, set)| *set) {
+                return Err(ConfigError::key(
+                    key,
+                    format!(
+                        "is for TLS, but mqtt.url {:?} is plain: use mqtts://HOST[:8883]",
+                        redact_password(&mqtt.url)
+                    ),
+                ));
+            }
+            None
+        };
+        Ok(ExternalBroker {
+            host: url.host,
+            port: url.port,
+            login,
+            tls,
+        })
+    }
+
+    /// The keys that only an external broker uses, among those set.
+    fn external_only_keys(&self) -> Vec<&'static str> {
+        let mqtt = &self.mqtt;
+        let path = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| !p.as_os_str().is_empty());
+        [
+            (
+                "mqtt.username",
+                mqtt.username.as_ref().is_some_and(|u| !u.is_empty()),
+            ),
+            (
+                "mqtt.password",
+                mqtt.password
+                    .as_ref()
+                    .is_some_and(|p| !p.expose().is_empty()),
+            ),
+            ("mqtt.ca_file", path(&mqtt.ca_file)),
+            ("mqtt.client_cert", path(&mqtt.client_cert)),
+            ("mqtt.client_key", path(&mqtt.client_key)),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
 }
 
 fn parse_broker_url(url: &str) -> Result<BrokerUrl, String> {
-    let rest = match url.split_once("://") {
-        Some(("mqtt" | "tcp", rest)) => rest,
+    // Error messages show the url without its password.
+    let shown = redact_password(url);
+    let (rest, tls) = match url.split_once("://") {
+        Some(("mqtt" | "tcp", rest)) => (rest, false),
+        Some(("mqtts", rest)) => (rest, true),
         Some((scheme, _)) => {
             return Err(format!(
-                "{url:?}: scheme {scheme:?} is not supported (expected mqtt://HOST:PORT)"
+                "{shown:?}: scheme {scheme:?} is not supported (expected mqtt://HOST:PORT or mqtts://HOST:PORT)"
             ));
         }
-        None => return Err(format!("{url:?} is not a URL (expected mqtt://HOST:PORT)")),
+        None => {
+            return Err(format!(
+                "{shown:?} is not a URL (expected mqtt://HOST:PORT)"
+            ));
+        }
     };
     let rest = rest.trim_end_matches('/');
     let (credentials, address) = match rest.rsplit_once('@') {
@@ -676,21 +840,22 @@ fn parse_broker_url(url: &str) -> Result<BrokerUrl, String> {
         Some((host, port)) if !port.contains(']') => {
             let port = port
                 .parse::<u16>()
-                .map_err(|_| format!("{url:?}: {port:?} is not a port number"))?;
+                .map_err(|_| format!("{shown:?}: {port:?} is not a port number"))?;
             (host, port)
         }
-        _ => (address, 1883),
+        _ => (address, if tls { 8883 } else { 1883 }),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() || host.contains('/') || host.contains('?') {
         return Err(format!(
-            "{url:?} has no valid host (expected mqtt://HOST:PORT)"
+            "{shown:?} has no valid host (expected mqtt://HOST:PORT)"
         ));
     }
     Ok(BrokerUrl {
         host: host.to_string(),
         port,
         credentials,
+        tls,
     })
 }
 
@@ -896,6 +1061,92 @@ mod tests {
         let url = settings.broker_url().expect("valid url");
         assert_eq!((url.host.as_str(), url.port), ("broker.local", 1885));
         assert_eq!(url.credentials, Some(("user".into(), "pw".into())));
+        let broker = settings.external_broker().expect("external broker");
+        assert_eq!(broker.login, Some(("user".into(), Secret::new("pw"))));
+        assert_eq!(broker.tls, None, "mqtt:// is plain");
+
+        let secure = load(&[
+            ("FLEETWATCH_MQTT__BROKER", "external"),
+            ("FLEETWATCH_MQTT__URL", "mqtts://broker.local"),
+            ("FLEETWATCH_MQTT__USERNAME", "fleetwatch-hub"),
+            ("FLEETWATCH_MQTT__PASSWORD", "s3cret"),
+            ("FLEETWATCH_MQTT__CA_FILE", "/etc/fleetwatch/ca.crt"),
+            ("FLEETWATCH_MQTT__CLIENT_CERT", "/etc/fleetwatch/hub.crt"),
+            ("FLEETWATCH_MQTT__CLIENT_KEY", "/etc/fleetwatch/hub.key"),
+        ])
+        .expect("a TLS login loads");
+        let broker = secure.external_broker().expect("external broker");
+        assert_eq!((broker.host.as_str(), broker.port), ("broker.local", 8883));
+        assert_eq!(
+            broker.login,
+            Some(("fleetwatch-hub".into(), Secret::new("s3cret")))
+        );
+        assert_eq!(
+            broker.tls,
+            Some(TlsFiles {
+                ca_file: Some("/etc/fleetwatch/ca.crt".into()),
+                client_auth: Some((
+                    "/etc/fleetwatch/hub.crt".into(),
+                    "/etc/fleetwatch/hub.key".into()
+                )),
+            })
+        );
+        assert!(!format!("{secure:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn contradictory_broker_settings_name_their_key() {
+        let external = |url: &'static str, more: &[(&'static str, &'static str)]| {
+            let mut vars = vec![
+                ("FLEETWATCH_MQTT__BROKER", "external"),
+                ("FLEETWATCH_MQTT__URL", url),
+            ];
+            vars.extend_from_slice(more);
+            load(&vars)
+        };
+        let cases = [
+            (
+                external("mqtt://u:p@b", &[("FLEETWATCH_MQTT__USERNAME", "hub")]),
+                "mqtt.username",
+            ),
+            (
+                external("mqtt://u:p@b", &[("FLEETWATCH_MQTT__PASSWORD", "pw")]),
+                "mqtt.password",
+            ),
+            (
+                external("mqtt://b", &[("FLEETWATCH_MQTT__PASSWORD", "pw")]),
+                "mqtt.password",
+            ),
+            (
+                external("mqtt://b", &[("FLEETWATCH_MQTT__CA_FILE", "/ca.crt")]),
+                "mqtt.ca_file",
+            ),
+            (
+                external("mqtts://b", &[("FLEETWATCH_MQTT__CLIENT_CERT", "/hub.crt")]),
+                "mqtt.client_key",
+            ),
+            (
+                external("mqtts://b", &[("FLEETWATCH_MQTT__CLIENT_KEY", "/hub.key")]),
+                "mqtt.client_cert",
+            ),
+            (external("ssl://b", &[]), "mqtt.url"),
+            (
+                load(&[("FLEETWATCH_MQTT__USERNAME", "hub")]),
+                "mqtt.username",
+            ),
+        ];
+        for (i, (result, named)) in cases.into_iter().enumerate() {
+            let error = result.expect_err(named).to_string();
+            assert!(error.contains(named), "case {i}: {error}");
+            assert!(!error.contains('\n'), "case {i}: {error}");
+        }
+        let error = external("mqtt://u:hunter2@b:port", &[])
+            .expect_err("bad port")
+            .to_string();
+        assert!(!error.contains("hunter2"), "{error}");
+        // An empty variable is as good as unset.
+        let settings = external("mqtt://b", &[("FLEETWATCH_MQTT__CA_FILE", "")]).expect("loads");
+        assert_eq!(settings.external_broker().expect("valid").tls, None);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Outgoing, Packet, QoS};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -21,7 +21,7 @@ pub(crate) struct ConnectionSpec<'a> {
 }
 
 pub(crate) fn open(spec: ConnectionSpec<'_>) -> (AsyncClient, EventLoop) {
-    let mut options = MqttOptions::new(spec.client_id, spec.url.host.clone(), spec.url.port);
+    let mut options = spec.url.mqtt_options(spec.client_id);
     options
         .set_keep_alive(spec.keep_alive)
         .set_inflight(spec.inflight)

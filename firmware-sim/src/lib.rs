@@ -24,7 +24,7 @@ pub use fleet::{Fleet, FleetConfig, FleetStats};
 pub use payload::heartbeat_payload;
 pub use raw::RawPublisher;
 pub use rumqttc::QoS;
-pub use url::{BrokerUrl, UrlError};
+pub use url::{BrokerUrl, Login, Tls, UrlError};
 
 /// Errors of the simulator's own making; broker trouble is retried, not returned.
 #[derive(Debug, thiserror::Error)]

@@ -12,9 +12,13 @@ use tokio::time::{self, Instant, MissedTickBehavior};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Broker to publish to.
+    /// Broker to publish to: mqtt://[USER:PASSWORD@]HOST[:PORT], or mqtts://… for TLS.
+    /// Every connection logs in as USER.
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     url: BrokerUrl,
+    /// mqtts://: trust the CA certificates in this PEM file instead of the Mozilla roots.
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
     /// Number of devices.
     #[arg(long, default_value_t = 10)]
     devices: u64,
@@ -56,8 +60,22 @@ async fn main() -> ExitCode {
         eprintln!("firmware-sim: --devices and --interval must be greater than zero");
         return ExitCode::from(2);
     }
+    let url = match &args.ca_file {
+        None => args.url.clone(),
+        Some(_) if args.url.tls.is_none() => {
+            eprintln!("firmware-sim: --ca-file is for TLS: use an mqtts:// --url");
+            return ExitCode::from(2);
+        }
+        Some(path) => match args.url.clone().with_ca_file(path) {
+            Ok(url) => url,
+            Err(e) => {
+                eprintln!("firmware-sim: --ca-file {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+    };
     let config = FleetConfig {
-        url: args.url.clone(),
+        url,
         devices: args.devices,
         interval: args.interval,
         jitter: args.jitter,

@@ -7,11 +7,13 @@
 pub mod broker;
 pub mod publisher;
 pub mod subscriber;
+pub mod tls;
 pub mod topic;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::MqttOptions;
+use rumqttc::{ConnectReturnCode, ConnectionError, MqttOptions, TlsConfiguration, Transport};
 
 /// Where the hub's MQTT clients connect, and as whom.
 #[derive(Clone, Debug)]
@@ -19,6 +21,8 @@ pub struct Endpoint {
     pub host: String,
     pub port: u16,
     pub credentials: Option<(String, String)>,
+    /// TLS (an external broker at `mqtts://`); `None`: plain TCP.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Prefix of the hub's client ids; each connection appends its role.
     pub client_id: String,
     /// Largest heartbeat payload the hub accepts; bigger ones are counted and dropped.
@@ -52,7 +56,78 @@ impl Endpoint {
         if let Some((user, password)) = &self.credentials {
             options.set_credentials(user.clone(), password.clone());
         }
+        if let Some(config) = &self.tls {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::clone(config),
+            )));
+        }
         options
+    }
+}
+
+/// What an operator should do about a connection error that retrying will not fix
+/// (a refused login, a certificate the hub does not trust), or `None` for the
+/// ordinary kind (the broker is down or unreachable) that goes away by itself.
+pub(crate) fn needs_attention(error: &ConnectionError) -> Option<&'static str> {
+    match error {
+        ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword) => {
+            Some("bad username or password (check mqtt.username and mqtt.password)")
+        }
+        // What Mosquitto answers a wrong password with under MQTT 3.1.1.
+        ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized) => {
+            Some("not authorised: bad username or password (check mqtt.username and mqtt.password)")
+        }
+        ConnectionError::ConnectionRefused(_) => Some("refused by the broker"),
+        ConnectionError::Tls(_) => {
+            Some("TLS handshake failed (check mqtt.url's host name and mqtt.ca_file)")
+        }
+        _ => None,
+    }
+}
+
+/// Logs broker connection failures without flooding: a failure that needs an operator
+/// is logged once at error level (and again only when it changes), the ordinary kind
+/// at warn on each retry, as before.
+#[derive(Debug, Default)]
+pub(crate) struct FailureLog {
+    reported: Option<&'static str>,
+}
+
+impl FailureLog {
+    /// `connection`: which of the hub's connections failed, for the log line.
+    pub(crate) fn failed(
+        &mut self,
+        connection: &'static str,
+        error: &ConnectionError,
+        retry_in: Duration,
+    ) -> bool {
+        match needs_attention(error) {
+            Some(advice) if self.reported == Some(advice) => {
+                tracing::debug!(connection, error = %error, "still refused by the MQTT broker");
+                true
+            }
+            Some(advice) => {
+                self.reported = Some(advice);
+                tracing::error!(
+                    connection,
+                    error = %error,
+                    retry_in_ms = retry_in.as_millis() as u64,
+                    "cannot connect to the MQTT broker: {advice}; retrying with backoff"
+                );
+                true
+            }
+            None => {
+                self.reported = None;
+                false
+            }
+        }
+    }
+
+    /// The connection is up: the next refusal is news again.
+    pub(crate) fn connected(&mut self) {
+        if self.reported.take().is_some() {
+            tracing::info!("the MQTT broker accepted the hub's connection");
+        }
     }
 }
 

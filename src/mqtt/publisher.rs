@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 use tokio::time::{self, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::{Backoff, Endpoint, topic};
+use super::{Backoff, Endpoint, FailureLog, topic};
 use crate::clock::Clock;
 use crate::device::DeviceId;
 use crate::event::StatusEvent;
@@ -150,6 +150,7 @@ impl Publisher {
         let mut last_poll = Instant::now();
         let mut drain_deadline = far_future();
         let mut backoff = Backoff::new();
+        let mut failures = FailureLog::default();
         loop {
             // The poll future lives across wake-ups: it is never dropped half-way
             // through writing a packet.
@@ -190,6 +191,7 @@ impl Publisher {
             match polled {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff.reset();
+                    failures.connected();
                     self.connected().await;
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => self.packet_ids.push_back(pkid),
@@ -206,7 +208,9 @@ impl Publisher {
                     eventloop.state.events.clear();
                     self.disconnected();
                     let delay = backoff.next();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, pending = self.queue.len(), "status publisher cannot reach the broker");
+                    if !failures.failed("events", &e, delay) {
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, pending = self.queue.len(), "status publisher cannot reach the broker");
+                    }
                     tokio::select! {
                         _ = time::sleep(delay) => {}
                         _ = stop.cancelled(), if !self.draining => {

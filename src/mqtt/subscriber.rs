@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::topic::{self, Kind};
-use super::{Backoff, Endpoint, INGEST_KEEP_ALIVE};
+use super::{Backoff, Endpoint, FailureLog, INGEST_KEEP_ALIVE};
 use crate::clock::{Clock, Timestamp};
 use crate::device::DeviceId;
 use crate::heartbeat::{Inbound, RejectLog, RejectReason, payload};
@@ -94,6 +94,7 @@ impl Subscriber {
         let options = self.endpoint.options("ingest", INGEST_KEEP_ALIVE);
         let (client, mut eventloop) = AsyncClient::new(options, 16);
         let mut backoff = Backoff::new();
+        let mut failures = FailureLog::default();
         let mut resubscribe_at: Option<Instant> = None;
         loop {
             let retry =
@@ -112,6 +113,7 @@ impl Subscriber {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff.reset();
+                    failures.connected();
                     // Clean session: the subscription is gone after every reconnect.
                     if let Err(e) =
                         client.try_subscribe_many(filters(self.endpoint.shared_group.as_deref()))
@@ -156,9 +158,11 @@ impl Subscriber {
                 Err(e) => {
                     let was_listening = self.listening.send_replace(None).is_some();
                     let delay = backoff.next();
-                    if was_listening {
+                    // A refused login is logged once, not at every retry.
+                    let refused = failures.failed("ingest", &e, delay);
+                    if was_listening && !refused {
                         tracing::warn!(error = %e, "lost the broker connection; offline checks paused until it is back");
-                    } else {
+                    } else if !refused {
                         tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach the MQTT broker");
                     }
                     tokio::select! {
