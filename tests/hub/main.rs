@@ -11,6 +11,8 @@ mod database;
 mod faults;
 mod helpers;
 mod http;
+#[cfg(feature = "mosquitto-tests")]
+mod lockdown;
 mod mosquitto;
 mod notify;
 mod receiver;
