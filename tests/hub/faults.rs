@@ -488,6 +488,7 @@ mod crashes {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mosquitto_killed_under_2000_devices_loses_nothing_and_invents_no_offline() {
         const DEVICES: u64 = 2000;
+        let _heavy = heavy().await;
         let mut mosquitto = Mosquitto::start();
         let offline_after = Duration::from_secs(3);
         let app = spawn_app_with(Broker::External(mosquitto.url.clone()), |s| {
@@ -567,6 +568,7 @@ mod crashes {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_hub_killed_inside_an_offline_storm_reports_each_device_offline_once() {
         const DEVICES: usize = 2000;
+        let _heavy = heavy().await;
         let mosquitto = Mosquitto::start();
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("fleetwatch.db");

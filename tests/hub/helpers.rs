@@ -23,6 +23,15 @@ pub use crate::database::{Database, TestDatabase};
 
 /// Default wait for something that should happen.
 pub const PATIENCE: Duration = Duration::from_secs(15);
+
+/// Held by the tests that load the machine most (hundreds of devices, several hub
+/// processes) and by those with a bound on how long something may take under load
+/// (a shutdown's drain window): they never run beside each other, on two cores.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().await
+}
 /// `heartbeat.offline_after` in tests.
 pub const OFFLINE_AFTER: Duration = Duration::from_secs(2);
 
@@ -70,8 +79,13 @@ impl From<Broker> for Setup {
 
 /// Settings for a hub under test: short offline_after, fast checks, the database `db`.
 pub fn test_settings(broker: &Broker, db: &TestDatabase) -> Settings {
+    test_settings_on(broker, db.url())
+}
+
+/// As [`test_settings`], on the database `url` names.
+pub fn test_settings_on(broker: &Broker, url: String) -> Settings {
     let mut settings = Settings::default();
-    settings.database.url = db.url();
+    settings.database.url = url;
     settings.heartbeat.offline_after = OFFLINE_AFTER;
     settings.heartbeat.check_interval = Duration::from_millis(100);
     settings.heartbeat.flush_interval = Duration::from_millis(50);

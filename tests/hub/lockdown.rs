@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::helpers::{
-    Broker, PATIENCE, TestApp, eventually, free_port, spawn_app_with, test_settings, within,
+    Broker, PATIENCE, TestApp, eventually, free_port, spawn_app_with, test_settings_on, within,
 };
 
 /// The hub's login in mosquitto/secure/acl.
@@ -504,7 +504,7 @@ fn hub_settings_for(mosquitto: &SecureMosquitto) -> Settings {
         .dir()
         .join(format!("hub-{}.db", uuid::Uuid::now_v7().simple()));
     let broker = Broker::External(BrokerUrl::new("127.0.0.1", mosquitto.port));
-    let mut settings = test_settings(&broker, &db);
+    let mut settings = test_settings_on(&broker, format!("sqlite://{}", db.display()));
     mosquitto.hub_settings(&mut settings);
     settings
 }

@@ -380,6 +380,8 @@ pub async fn events_committed_before_start_are_published(setup: Setup) {
 }
 
 pub async fn a_backlog_larger_than_a_page_is_all_published(setup: Setup) {
+    // The first hub's 5 s shutdown drain must deliver three pages.
+    let _heavy = heavy().await;
     let database = std::sync::Arc::new(TestDatabase::create(setup.database).await);
     let settings = test_settings(&setup.broker, &database);
     let store = fleetwatch::storage::connect(&settings.database.url)

@@ -124,6 +124,7 @@ async fn wait_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hubs_report_every_transition_once_and_one_carries_on_when_the_other_is_killed() {
+    let _heavy = heavy().await;
     init_logging();
     let mosquitto = Mosquitto::start();
     let url = mosquitto.url.clone();
