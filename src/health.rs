@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::checker::Listening;
 use crate::clock::Timestamp;
+use crate::credentials::CredentialHash;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::mqtt::broker;
@@ -362,6 +363,23 @@ impl Store for RecordWrites {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
+    }
+
+    // Not among the writes health tracks: an operator's request, answered on its own.
+    async fn set_credential(
+        &self,
+        id: &DeviceId,
+        credential: &CredentialHash,
+    ) -> Result<(), StoreError> {
+        self.inner.set_credential(id, credential).await
+    }
+
+    async fn credential(&self, id: &DeviceId) -> Result<Option<CredentialHash>, StoreError> {
+        self.inner.credential(id).await
+    }
+
+    async fn revoke_credential(&self, id: &DeviceId) -> Result<(), StoreError> {
+        self.inner.revoke_credential(id).await
     }
 }
 

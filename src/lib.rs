@@ -28,6 +28,7 @@ pub mod checker;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod credentials;
 pub mod device;
 pub mod event;
 pub mod health;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use super::{DeviceQuery, OutboxEntry, OutboxItem, Store, StoreError, Summary};
 use crate::clock::Timestamp;
+use crate::credentials::{CredentialHash, DeviceSecret};
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::registration::{NewDevices, Refusal};
@@ -43,6 +44,10 @@ macro_rules! store_conformance {
             without_auto_registration_only_registered_devices_are_written,
             registering_twice_is_refused,
             a_flush_of_ok_heartbeats_changes_only_the_devices_not_already_online,
+            a_credential_is_kept_per_device_and_replaced_by_the_next,
+            a_credential_needs_an_existing_device,
+            deleting_a_device_deletes_its_credential,
+            revoking_a_credential_keeps_the_device,
         );
     };
     ($store:expr => $($test:ident),+ $(,)?) => {
@@ -762,4 +767,96 @@ pub(crate) async fn a_flush_of_ok_heartbeats_changes_only_the_devices_not_alread
             "{name}"
         );
     }
+}
+
+fn new_credential() -> (DeviceSecret, CredentialHash) {
+    let secret = DeviceSecret::generate().expect("randomness");
+    let hash = secret.hash().expect("randomness");
+    (secret, hash)
+}
+
+pub(crate) async fn a_credential_is_kept_per_device_and_replaced_by_the_next(
+    store: Arc<dyn Store>,
+) {
+    store
+        .register(&id("a"), at(1), None)
+        .await
+        .expect("register");
+    store
+        .register(&id("b"), at(1), None)
+        .await
+        .expect("register");
+    assert_eq!(store.credential(&id("a")).await.expect("read"), None);
+
+    let (first, first_hash) = new_credential();
+    store
+        .set_credential(&id("a"), &first_hash)
+        .await
+        .expect("set");
+    let stored = store.credential(&id("a")).await.expect("read");
+    assert_eq!(stored.as_ref(), Some(&first_hash));
+    assert!(stored.is_some_and(|c| c.verify(first.expose().as_bytes())));
+    assert_eq!(store.credential(&id("b")).await.expect("read"), None);
+
+    let (second, second_hash) = new_credential();
+    store
+        .set_credential(&id("a"), &second_hash)
+        .await
+        .expect("rotate");
+    let stored = store
+        .credential(&id("a"))
+        .await
+        .expect("read")
+        .expect("a credential");
+    assert_eq!(stored, second_hash);
+    assert!(stored.verify(second.expose().as_bytes()));
+    assert!(!stored.verify(first.expose().as_bytes()));
+}
+
+pub(crate) async fn a_credential_needs_an_existing_device(store: Arc<dyn Store>) {
+    let (_, hash) = new_credential();
+    assert!(matches!(
+        store.set_credential(&id("ghost"), &hash).await,
+        Err(StoreError::NotFound(ghost)) if ghost.as_str() == "ghost"
+    ));
+    assert_eq!(store.credential(&id("ghost")).await.expect("read"), None);
+    assert_eq!(store.device(&id("ghost")).await.expect("read"), None);
+}
+
+pub(crate) async fn deleting_a_device_deletes_its_credential(store: Arc<dyn Store>) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("gone"), at(1_000), beat(true, None))
+    })
+    .await;
+    let (_, hash) = new_credential();
+    store.set_credential(&id("gone"), &hash).await.expect("set");
+    store.delete(&id("gone"), at(2_000)).await.expect("delete");
+    assert_eq!(store.credential(&id("gone")).await.expect("read"), None);
+
+    // The same id registered again starts without one.
+    store
+        .register(&id("gone"), at(3_000), None)
+        .await
+        .expect("register");
+    assert_eq!(store.credential(&id("gone")).await.expect("read"), None);
+}
+
+pub(crate) async fn revoking_a_credential_keeps_the_device(store: Arc<dyn Store>) {
+    store
+        .register(&id("a"), at(1), None)
+        .await
+        .expect("register");
+    store
+        .revoke_credential(&id("a"))
+        .await
+        .expect("revoking nothing is fine");
+    let (_, hash) = new_credential();
+    store.set_credential(&id("a"), &hash).await.expect("set");
+    store.revoke_credential(&id("a")).await.expect("revoke");
+    assert_eq!(store.credential(&id("a")).await.expect("read"), None);
+    assert!(store.device(&id("a")).await.expect("read").is_some());
+    assert!(matches!(
+        store.revoke_credential(&id("ghost")).await,
+        Err(StoreError::NotFound(_))
+    ));
 }

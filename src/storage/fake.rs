@@ -8,6 +8,7 @@ use async_trait::async_trait;
 
 use super::{Applied, Device, DeviceQuery, OutboxItem, Store, StoreError, Summary};
 use crate::clock::Timestamp;
+use crate::credentials::CredentialHash;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::registration::NewDevices;
@@ -132,5 +133,17 @@ impl Store for FakeStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn set_credential(&self, id: &DeviceId, _: &CredentialHash) -> Result<(), StoreError> {
+        Err(StoreError::NotFound(id.clone()))
+    }
+
+    async fn credential(&self, _: &DeviceId) -> Result<Option<CredentialHash>, StoreError> {
+        Ok(None)
+    }
+
+    async fn revoke_credential(&self, id: &DeviceId) -> Result<(), StoreError> {
+        Err(StoreError::NotFound(id.clone()))
     }
 }

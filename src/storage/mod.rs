@@ -31,6 +31,7 @@ pub use error::StoreError;
 pub use notifications::NotificationStore;
 
 use crate::clock::Timestamp;
+use crate::credentials::CredentialHash;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::registration::{NewDevices, Refusal};
@@ -122,6 +123,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// A trivial query: the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Gives a device a login credential for the embedded broker, replacing any
+    /// earlier one (whose secret stops working). [`StoreError::NotFound`] if the
+    /// device does not exist. Deleting the device deletes its credential.
+    async fn set_credential(
+        &self,
+        id: &DeviceId,
+        credential: &CredentialHash,
+    ) -> Result<(), StoreError>;
+
+    /// A device's credential, if it has one. Read on every device login to the
+    /// embedded broker, so one primary-key lookup.
+    async fn credential(&self, id: &DeviceId) -> Result<Option<CredentialHash>, StoreError>;
+
+    /// Removes a device's credential, if any: it can no longer log in.
+    /// [`StoreError::NotFound`] if the device does not exist.
+    async fn revoke_credential(&self, id: &DeviceId) -> Result<(), StoreError>;
 }
 
 /// What a flush did.

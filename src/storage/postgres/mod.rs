@@ -34,6 +34,7 @@ use uuid::Uuid;
 use super::rows::{Columns, clamp, corrupt, device, outbox_item, stored_event};
 use super::{Applied, Device, DeviceQuery, OutboxItem, Store, StoreError, Summary, TOMBSTONE};
 use crate::clock::Timestamp;
+use crate::credentials::CredentialHash;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::registration::{self, NewDevices};
@@ -737,6 +738,62 @@ impl Store for PgStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn set_credential(
+        &self,
+        id: &DeviceId,
+        credential: &CredentialHash,
+    ) -> Result<(), StoreError> {
+        // A device deleted between the SELECT and the insert trips the foreign key:
+        // the same answer as a device that was never there.
+        let written = sqlx::query(
+            "INSERT INTO device_credentials (device_id, salt, secret_hash) \
+             SELECT device_id, $2, $3 FROM devices WHERE device_id = $1 \
+             ON CONFLICT (device_id) DO UPDATE \
+             SET salt = EXCLUDED.salt, secret_hash = EXCLUDED.secret_hash",
+        )
+        .bind(id.as_str())
+        .bind(&credential.salt[..])
+        .bind(&credential.hash[..])
+        .execute(&self.pool)
+        .await;
+        match written {
+            Ok(done) if done.rows_affected() > 0 => Ok(()),
+            Ok(_) => Err(StoreError::NotFound(id.clone())),
+            Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => {
+                Err(StoreError::NotFound(id.clone()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn credential(&self, id: &DeviceId) -> Result<Option<CredentialHash>, StoreError> {
+        let row: Option<(Vec<u8>, Vec<u8>)> =
+            sqlx::query_as("SELECT salt, secret_hash FROM device_credentials WHERE device_id = $1")
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|(salt, hash)| {
+            CredentialHash::from_parts(&salt, &hash)
+                .ok_or_else(|| corrupt(format!("device {id}: credential of the wrong length")))
+        })
+        .transpose()
+    }
+
+    async fn revoke_credential(&self, id: &DeviceId) -> Result<(), StoreError> {
+        let exists: bool = sqlx::query_scalar(
+            "WITH gone AS (DELETE FROM device_credentials WHERE device_id = $1) \
+             SELECT EXISTS (SELECT 1 FROM devices WHERE device_id = $1)",
+        )
+        .bind(id.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        if exists {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound(id.clone()))
+        }
     }
 }
 

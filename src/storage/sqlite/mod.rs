@@ -29,6 +29,7 @@ use uuid::Uuid;
 use super::rows::{Columns, clamp, corrupt, device, outbox_item, stored_event};
 use super::{Applied, Device, DeviceQuery, OutboxItem, Store, StoreError, Summary, TOMBSTONE};
 use crate::clock::Timestamp;
+use crate::credentials::CredentialHash;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::registration::{self, NewDevices};
@@ -681,6 +682,10 @@ impl Store for SqliteStore {
             .bind(id.as_str())
             .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM device_credentials WHERE device_id = ?1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "INSERT INTO status_events (event_id, device_id, status, reason, changed_at) \
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -698,6 +703,64 @@ impl Store for SqliteStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn set_credential(
+        &self,
+        id: &DeviceId,
+        credential: &CredentialHash,
+    ) -> Result<(), StoreError> {
+        // One writer at a time (BEGIN IMMEDIATE): no delete can slip in between.
+        let mut tx = self.write().await?;
+        let written = sqlx::query(
+            "INSERT INTO device_credentials (device_id, salt, secret_hash) \
+             SELECT device_id, ?2, ?3 FROM devices WHERE device_id = ?1 \
+             ON CONFLICT (device_id) DO UPDATE \
+             SET salt = excluded.salt, secret_hash = excluded.secret_hash",
+        )
+        .bind(id.as_str())
+        .bind(&credential.salt[..])
+        .bind(&credential.hash[..])
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if written == 0 {
+            tx.rollback().await;
+            return Err(StoreError::NotFound(id.clone()));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn credential(&self, id: &DeviceId) -> Result<Option<CredentialHash>, StoreError> {
+        let row: Option<(Vec<u8>, Vec<u8>)> =
+            sqlx::query_as("SELECT salt, secret_hash FROM device_credentials WHERE device_id = ?1")
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|(salt, hash)| {
+            CredentialHash::from_parts(&salt, &hash)
+                .ok_or_else(|| corrupt(format!("device {id}: credential of the wrong length")))
+        })
+        .transpose()
+    }
+
+    async fn revoke_credential(&self, id: &DeviceId) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM devices WHERE device_id = ?1")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            tx.rollback().await;
+            return Err(StoreError::NotFound(id.clone()));
+        }
+        sqlx::query("DELETE FROM device_credentials WHERE device_id = ?1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 }
