@@ -33,7 +33,8 @@ use crate::health::{Health, RecordWrites, Thresholds};
 use crate::heartbeat::{FlushHandle, HeartbeatHandler, Limits, Unsaved};
 use crate::http::{self, ConnectionLimits, HttpState, RequestLimits};
 use crate::metrics::Metrics;
-use crate::mqtt::broker::{BrokerError, EmbeddedBroker};
+use crate::mqtt::broker::{BrokerError, EmbeddedBroker, PROBE_KEEP_ALIVE};
+use crate::mqtt::logins::{HubLogin, Logins};
 use crate::mqtt::publisher::{DRAIN_TIMEOUT, Publisher};
 use crate::mqtt::subscriber::Subscriber;
 use crate::mqtt::{Endpoint, broker_packet_limit};
@@ -112,14 +113,41 @@ impl Application {
         let store = stores.devices;
         let http = http::bind(settings.http.listen)
             .map_err(|e| StartError::Http(settings.http.listen, e))?;
+        let client_id = if settings.mqtt.client_id.is_empty() {
+            // Unique per start, so two hubs on one broker never take over each other.
+            let random = uuid::Uuid::now_v7().simple().to_string();
+            format!("fleetwatch-{}", &random[random.len() - 8..])
+        } else {
+            settings.mqtt.client_id.clone()
+        };
         let max_payload = settings.heartbeat.max_payload;
         let (broker, host, port, credentials, tls) = match settings.mqtt.broker {
             BrokerMode::Embedded => {
-                let broker =
-                    EmbeddedBroker::start(settings.mqtt.listen, broker_packet_limit(max_payload))
-                        .await?;
+                // With logins required, the hub's own connections log in too.
+                let hub_login = settings
+                    .mqtt
+                    .require_login
+                    .then(|| HubLogin::generate(&client_id))
+                    .transpose()
+                    .map_err(|e| BrokerError::Start(format!("no randomness for a login: {e}")))?;
+                let logins = hub_login
+                    .clone()
+                    .map(|hub| Logins::new(hub, Arc::clone(&store)));
+                let broker = EmbeddedBroker::start(
+                    settings.mqtt.listen,
+                    broker_packet_limit(max_payload),
+                    logins,
+                )
+                .await?;
                 let addr = broker.local_addr();
-                (Some(broker), addr.ip().to_string(), addr.port(), None, None)
+                let credentials = hub_login.as_ref().map(HubLogin::credentials);
+                (
+                    Some(broker),
+                    addr.ip().to_string(),
+                    addr.port(),
+                    credentials,
+                    None,
+                )
             }
             BrokerMode::External => {
                 let external = settings.external_broker()?;
@@ -134,13 +162,6 @@ impl Application {
                 (None, external.host, external.port, credentials, tls)
             }
         };
-        let client_id = if settings.mqtt.client_id.is_empty() {
-            // Unique per start, so two hubs on one broker never take over each other.
-            let random = uuid::Uuid::now_v7().simple().to_string();
-            format!("fleetwatch-{}", &random[random.len() - 8..])
-        } else {
-            settings.mqtt.client_id.clone()
-        };
         let endpoint = Endpoint {
             host,
             port,
@@ -151,12 +172,9 @@ impl Application {
             shared_group: Some(settings.mqtt.shared_group.clone()).filter(|g| !g.is_empty()),
         };
         let listening = watch::channel(None);
-        let embedded = broker.as_ref().map(|broker| {
-            (
-                broker.local_addr(),
-                format!("{}-health", endpoint.client_id),
-            )
-        });
+        let embedded = broker
+            .as_ref()
+            .map(|_| endpoint.options("health", PROBE_KEEP_ALIVE));
         let health = Arc::new(Health::new(
             Thresholds {
                 commit_lag: settings.health.commit_lag,
@@ -328,10 +346,10 @@ impl Application {
                 }
             }
         });
-        let probe_id = format!("{}-probe", self.endpoint.client_id);
+        let probe = self.endpoint.options("probe", PROBE_KEEP_ALIVE);
         let broker_watch = async move {
             match self.broker {
-                Some(broker) => broker.supervise(probe_id).await,
+                Some(broker) => broker.supervise(probe).await,
                 None => std::future::pending().await,
             }
         };

@@ -164,6 +164,9 @@ pub struct MqttSettings {
     /// (`$share/{group}/devices/+/heartbeat`), so the broker hands each message to one
     /// of them. Empty: a plain subscription (one hub).
     pub shared_group: String,
+    /// The embedded broker admits only registered devices with their secret
+    /// (`POST /api/v1/devices/{id}/credentials`), client id = username = device id.
+    pub require_login: bool,
 }
 
 impl<'de> Deserialize<'de> for BrokerMode {
@@ -367,6 +370,7 @@ impl Default for Settings {
                 client_key: None,
                 client_id: String::new(),
                 shared_group: String::new(),
+                require_login: false,
             },
             database: DatabaseSettings {
                 url: "sqlite://fleetwatch.db".into(),
@@ -661,6 +665,14 @@ impl Settings {
                     "several hubs share one PostgreSQL database: set database.url to postgres://…",
                 ));
             }
+        }
+        if self.mqtt.require_login && self.mqtt.broker == BrokerMode::External {
+            return Err(ConfigError::key(
+                "mqtt.require_login",
+                "is the embedded broker's device login; an external broker checks its own \
+                 (Mosquitto: password_file and acl_file): set mqtt.broker = \"embedded\" or \
+                 leave mqtt.require_login off",
+            ));
         }
         if !self.mqtt.client_id.is_empty()
             && !self
@@ -1264,6 +1276,21 @@ mod tests {
             .map(|k| k.expose().to_string())
             .collect();
         assert_eq!(keys, ["current", "next", "previous"]);
+    }
+
+    #[test]
+    fn require_login_is_for_the_embedded_broker_only() {
+        let settings = load(&[("FLEETWATCH_MQTT__REQUIRE_LOGIN", "true")]).expect("loads");
+        assert!(settings.mqtt.require_login);
+        assert!(!Settings::default().mqtt.require_login, "off by default");
+        let error = load(&[
+            ("FLEETWATCH_MQTT__REQUIRE_LOGIN", "true"),
+            ("FLEETWATCH_MQTT__BROKER", "external"),
+        ])
+        .expect_err("contradiction")
+        .to_string();
+        assert!(error.contains("mqtt.require_login"), "{error}");
+        assert!(!error.contains('\n'), "{error}");
     }
 
     #[test]

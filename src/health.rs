@@ -7,7 +7,6 @@
 //! answers while every write fails, and the hub must say so.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -54,8 +53,8 @@ pub struct Health {
     events_pending: AtomicU64,
     /// The hub's own subscription, for either kind of broker.
     listening: Listening,
-    /// The embedded broker, probed through a real MQTT round trip as this client id.
-    embedded: Option<(SocketAddr, String)>,
+    /// The embedded broker, probed through a real MQTT round trip with these options.
+    embedded: Option<rumqttc::MqttOptions>,
     last_probe: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
@@ -63,7 +62,7 @@ impl Health {
     pub fn new(
         thresholds: Thresholds,
         listening: Listening,
-        embedded: Option<(SocketAddr, String)>,
+        embedded: Option<rumqttc::MqttOptions>,
     ) -> Self {
         Self {
             thresholds,
@@ -163,7 +162,7 @@ impl Health {
         if self.listening.borrow().is_none() {
             return Err("the hub is not subscribed to the broker".into());
         }
-        let Some((addr, client_id)) = &self.embedded else {
+        let Some(options) = &self.embedded else {
             return Ok(());
         };
         // One probe at a time (they share a client id) and not more than once a second.
@@ -173,7 +172,7 @@ impl Health {
         {
             return result.clone();
         }
-        let result = broker::probe(*addr, client_id)
+        let result = broker::probe(options.clone())
             .await
             .map_err(|e| format!("embedded broker: {e}"));
         *last = Some((Instant::now(), result.clone()));

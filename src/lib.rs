@@ -7,6 +7,8 @@
 //! A message travels one way through these modules:
 //!
 //! - [`mqtt::broker`]: the embedded broker (rumqttd), unless an external one is used.
+//!   With `mqtt.require_login`, [`mqtt::logins`] decides who connects, against the
+//!   device [`credentials`] the store keeps.
 //! - [`mqtt::subscriber`]: subscribes, validates topic ([`device`]) and payload
 //!   ([`heartbeat::payload`]), and queues what is valid.
 //! - [`heartbeat::handler`]: coalesces per device ([`update`]) and commits each flush

@@ -183,7 +183,8 @@ async fn broker_drain(
             let port = free_port()?;
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             // rumqttd cannot be stopped; this one idles once its clients have left.
-            let _broker = EmbeddedBroker::start(addr, broker_packet_limit(MAX_PAYLOAD)).await?;
+            let _broker =
+                EmbeddedBroker::start(addr, broker_packet_limit(MAX_PAYLOAD), None).await?;
             drain(
                 &BrokerUrl::new("127.0.0.1", port),
                 qos,

@@ -13,16 +13,22 @@
 //! again poisons a lock and stops the listener accepting anyone new
 //! (bytebeamio/rumqtt#1062). [`EmbeddedBroker::supervise`] notices that with a real
 //! MQTT round trip, so the hub can stop and be restarted rather than run deaf to
-//! reconnecting devices.
+//! reconnecting devices. With `mqtt.require_login` only registered device ids get
+//! past CONNECT ([`super::logins`]), which also keeps such client ids out; the login
+//! check refuses before rumqttd's will bookkeeping, so a refused login is not a
+//! refusal of that kind.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use rumqttc::MqttOptions;
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{self, Instant};
+
+use super::logins::Logins;
 
 /// Device connections the embedded broker admits. Far above what it can serve well
 /// (Mosquitto is the answer there), because a refused connection that reconnects
@@ -33,6 +39,8 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(3);
 /// How long a probe waits for CONNACK: generous, because a reconnect storm of
 /// thousands of devices can keep the broker's single accept loop busy for seconds.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keep-alive of a probe's connection (it lasts one round trip).
+pub const PROBE_KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// Consecutive failed probes before the broker is declared broken.
 const PROBE_FAILURES: u32 = 5;
 /// Messages a QoS 0 subscriber may receive per read, including retained messages
@@ -103,10 +111,15 @@ pub struct EmbeddedBroker {
 
 impl EmbeddedBroker {
     /// Starts rumqttd on `listen`, refusing packets larger than `max_packet` bytes
-    /// (the sender is disconnected), and returns once it accepts connections.
-    pub async fn start(listen: SocketAddr, max_packet: usize) -> Result<Self, BrokerError> {
+    /// (the sender is disconnected) and, with `logins`, any CONNECT they refuse; returns
+    /// once it accepts connections.
+    pub async fn start(
+        listen: SocketAddr,
+        max_packet: usize,
+        logins: Option<Logins>,
+    ) -> Result<Self, BrokerError> {
         ensure_free(listen)?;
-        let mut broker = Broker::new(config(listen, max_packet));
+        let mut broker = Broker::new(config(listen, max_packet, logins));
         let (report_stop, stopped) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("embedded-broker".into())
@@ -124,15 +137,11 @@ impl EmbeddedBroker {
     }
 
     /// Watches the broker until it fails: returns when its listener has died or it has
-    /// refused [`PROBE_FAILURES`] MQTT connections in a row. Probes connect as
-    /// `client_id`, always the same one: rumqttd keeps a record of every client id it
-    /// has seen, so fresh ids would leak memory.
-    pub async fn supervise(self, client_id: String) -> BrokerFailure {
-        let Self {
-            listen,
-            mut stopped,
-        } = self;
-        let target = local_addr(listen);
+    /// refused [`PROBE_FAILURES`] MQTT connections in a row. Probes connect with
+    /// `options`, always the same client id: rumqttd keeps a record of every client id
+    /// it has seen, so fresh ids would leak memory.
+    pub async fn supervise(self, options: MqttOptions) -> BrokerFailure {
+        let Self { mut stopped, .. } = self;
         let mut failures = 0;
         let mut tick = time::interval(PROBE_INTERVAL);
         loop {
@@ -140,7 +149,7 @@ impl EmbeddedBroker {
                 _ = &mut stopped => return BrokerFailure::Stopped,
                 _ = tick.tick() => {}
             }
-            match probe(target, &client_id).await {
+            match probe(options.clone()).await {
                 Ok(()) => failures = 0,
                 Err(why) => {
                     failures += 1;
@@ -191,11 +200,10 @@ fn ensure_free(listen: SocketAddr) -> Result<(), BrokerError> {
     }
 }
 
-/// One MQTT round trip through the broker's router: CONNECT, CONNACK, DISCONNECT.
-pub async fn probe(addr: SocketAddr, client_id: &str) -> Result<(), String> {
-    use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet};
-    let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
-    options.set_keep_alive(Duration::from_secs(5));
+/// One MQTT round trip through the broker's router: CONNECT, CONNACK, DISCONNECT,
+/// as the hub's client `options` say (its address, client id and login).
+pub async fn probe(options: MqttOptions) -> Result<(), String> {
+    use rumqttc::{AsyncClient, ConnectReturnCode, Event, Packet};
     let (client, mut eventloop) = AsyncClient::new(options, 1);
     let connected = time::timeout(PROBE_TIMEOUT, async {
         loop {
@@ -234,8 +242,8 @@ async fn wait_until_listening(listen: SocketAddr) -> Result<(), BrokerError> {
     Err(BrokerError::NotListening(listen))
 }
 
-fn config(listen: SocketAddr, max_packet: usize) -> Config {
-    let server = ServerSettings {
+fn config(listen: SocketAddr, max_packet: usize, logins: Option<Logins>) -> Config {
+    let mut server = ServerSettings {
         name: "devices".into(),
         listen,
         tls: None,
@@ -249,6 +257,11 @@ fn config(listen: SocketAddr, max_packet: usize) -> Config {
             dynamic_filters: true,
         },
     };
+    if let Some(logins) = logins {
+        server.set_auth_handler(move |client_id, username, password| {
+            logins.clone().check(client_id, username, password)
+        });
+    }
     Config {
         id: 0,
         router: RouterConfig {
@@ -271,7 +284,7 @@ mod tests {
     async fn a_taken_port_is_reported_in_one_plain_line() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = taken.local_addr().expect("addr");
-        let error = EmbeddedBroker::start(addr, 1024)
+        let error = EmbeddedBroker::start(addr, 1024, None)
             .await
             .expect_err("port is taken");
         assert!(

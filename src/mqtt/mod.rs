@@ -5,6 +5,7 @@
 //! broker, so after the connection is made the two modes run the same code.
 
 pub mod broker;
+pub mod logins;
 pub mod publisher;
 pub mod subscriber;
 pub mod tls;
