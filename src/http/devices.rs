@@ -25,7 +25,7 @@ use crate::storage::{Device, DeviceQuery, StoreError, Summary};
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
 
-fn device_id(text: &str) -> Result<DeviceId, ApiError> {
+pub(super) fn device_id(text: &str) -> Result<DeviceId, ApiError> {
     DeviceId::parse(text).map_err(|e| ApiError::Unprocessable(format!("{text:?}: {e}")))
 }
 

@@ -4,6 +4,7 @@
 //! `/api/v1/openapi.json` is generated from the same list the server answers.
 
 mod auth;
+mod credentials;
 mod dashboard;
 mod devices;
 mod error;
@@ -123,6 +124,7 @@ pub fn router(state: HttpState, limits: RequestLimits) -> Router {
         .routes(routes!(devices::get, devices::delete))
         .routes(routes!(devices::events))
         .routes(routes!(devices::heartbeat))
+        .routes(routes!(credentials::issue, credentials::revoke))
         .routes(routes!(devices::summary))
         .routes(routes!(live::stream))
         .routes(routes!(sinks::list))

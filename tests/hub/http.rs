@@ -37,13 +37,15 @@ async fn json_of(response: reqwest::Response) -> Value {
 }
 
 /// Every route the router has, as the OpenAPI document must list them.
-const ROUTES: [(&str, &str); 20] = [
+const ROUTES: [(&str, &str); 22] = [
     ("get", "/api/v1/devices"),
     ("post", "/api/v1/devices"),
     ("get", "/api/v1/devices/{id}"),
     ("delete", "/api/v1/devices/{id}"),
     ("get", "/api/v1/devices/{id}/events"),
     ("post", "/api/v1/devices/{id}/heartbeat"),
+    ("post", "/api/v1/devices/{id}/credentials"),
+    ("delete", "/api/v1/devices/{id}/credentials"),
     ("get", "/api/v1/summary"),
     ("get", "/api/v1/stream"),
     ("get", "/api/v1/openapi.json"),

@@ -13,6 +13,7 @@ mod helpers;
 mod http;
 #[cfg(feature = "mosquitto-tests")]
 mod lockdown;
+mod logins;
 mod mosquitto;
 mod notify;
 mod receiver;
