@@ -6,11 +6,12 @@
 #
 #   bench/run.sh            full run (about 24 minutes)
 #   bench/run.sh --quick    everything at a small scale (about 3 minutes; CI smoke test)
-#   bench/run.sh --only ingest,lag   a subset (see --help)
+#   bench/run.sh --only ingest,lag   a subset (see --help); pgdb needs PostgreSQL
+#                                    (--postgres URL or FLEETWATCH_BENCH_POSTGRES)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v mosquitto >/dev/null || { echo "bench/run.sh: needs mosquitto (apt-get install mosquitto)" >&2; exit 1; }
 # 10,000 embedded-broker connections, plus the simulator's ends of them.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo build --release --locked --quiet -p fleetwatch -p firmware-sim -p fleetwatch-bench
-exec target/release/fleetwatch-bench "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/fleetwatch-bench" "$@"

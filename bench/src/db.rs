@@ -1,6 +1,7 @@
 //! The write path alone: the hub's `Store::apply` on batches of steady heartbeats,
 //! against a bare batched upsert of the same columns on the same SQLite settings and
-//! batch size (the settings come from `SqliteStore::options`).
+//! batch size (the settings come from `SqliteStore::options`). The PostgreSQL case
+//! (`crate::pgdb`) shares the heartbeats, the rounds and their timing.
 
 use std::time::{Duration, Instant};
 
@@ -83,17 +84,46 @@ where
     Fut: std::future::Future<Output = Result<()>>,
 {
     round(0).await?;
+    Ok(timed_rounds(devices, each, round).await?.rows_per_s)
+}
+
+/// What [`timed_rounds`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Timed {
+    pub rows_per_s: f64,
+    pub rounds: u64,
+    pub seconds: f64,
+}
+
+/// Rounds 1, 2, … (whole rounds, until `each` has passed; round 0 is the caller's),
+/// `devices` rows a round.
+pub async fn timed_rounds<F, Fut>(devices: usize, each: Duration, mut round: F) -> Result<Timed>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
     let started = Instant::now();
     let mut rounds = 0u64;
     while started.elapsed() < each {
         rounds += 1;
         round(rounds).await?;
     }
-    Ok((rounds as usize * devices) as f64 / started.elapsed().as_secs_f64())
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Timed {
+        rows_per_s: (rounds as usize * devices) as f64 / seconds,
+        rounds,
+        seconds,
+    })
 }
 
-/// Every device heartbeats once more, `batch` devices per `Store::apply`.
-async fn hub_round(store: &SqliteStore, ids: &[DeviceId], batch: usize, round: u64) -> Result<()> {
+/// Every device heartbeats once more, `batch` devices per `Store::apply`; device
+/// `i` of round `r` is seen at `1_000_000 + r * devices + i + 1` ms.
+pub async fn hub_round<S: Store>(
+    store: &S,
+    ids: &[DeviceId],
+    batch: usize,
+    round: u64,
+) -> Result<()> {
     let mut at = 1_000_000 + (round as i64) * ids.len() as i64;
     for chunk in ids.chunks(batch) {
         let mut pending = Batch::default();

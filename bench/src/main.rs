@@ -11,6 +11,7 @@ mod db;
 mod listen;
 mod measure;
 mod notify;
+mod pgdb;
 mod procs;
 mod report;
 
@@ -23,9 +24,10 @@ use clap::Parser;
 
 use crate::report::Report;
 
-const MEASUREMENTS: [&str; 9] = [
+const MEASUREMENTS: [&str; 10] = [
     "ingest",
     "db",
+    "pgdb",
     "coalescing",
     "lag",
     "storm",
@@ -42,10 +44,14 @@ struct Args {
     /// this scale say little).
     #[arg(long)]
     quick: bool,
-    /// Only these measurements, comma-separated: ingest, db, coalescing, lag, storm,
-    /// memory, sustained, notify, outage.
+    /// Only these measurements, comma-separated: ingest, db, pgdb, coalescing, lag,
+    /// storm, memory, sustained, notify, outage.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// The PostgreSQL server `pgdb` creates its databases on (and drops them after),
+    /// as a URL whose user may create databases.
+    #[arg(long, env = "FLEETWATCH_BENCH_POSTGRES", default_value = pgdb::DEFAULT_ADMIN_URL)]
+    postgres: String,
     /// Where to write the results.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
@@ -173,6 +179,7 @@ async fn main() -> Result<ExitCode> {
         let result = match name {
             "ingest" => measure::ingest(dir, scale, report).await,
             "db" => measure::db(dir, scale, report).await,
+            "pgdb" => measure::pgdb(&args.postgres, scale, report).await,
             "coalescing" => measure::coalescing(dir, scale, report).await,
             "lag" => measure::lag(dir, scale, report).await,
             "storm" => measure::storm(dir, scale, report).await,

@@ -16,7 +16,7 @@ use tokio::time::{self, Instant};
 use crate::listen::{Offline, listen};
 use crate::procs::{Hub, HubBroker, Mosquitto, Proc, free_port};
 use crate::report::{Baseline, Goal, Report};
-use crate::{Scale, db};
+use crate::{Scale, db, pgdb};
 
 /// `offline_after` where a measurement wants no device to go offline.
 const NEVER: Duration = Duration::from_secs(3600);
@@ -350,6 +350,66 @@ pub async fn db(dir: &Path, scale: &Scale, report: &mut Report) -> Result<()> {
             "bare_rows_per_s": figures.bare_rows_per_s,
             "devices": scale.db_devices,
             "batch": scale.db_batch,
+        }),
+    );
+    Ok(())
+}
+
+pub async fn pgdb(admin: &str, scale: &Scale, report: &mut Report) -> Result<()> {
+    let figures = pgdb::measure(admin, scale.db_devices, scale.db_batch, scale.db_each).await?;
+    let (hub, bare) = (&figures.hub, &figures.bare);
+    // Microseconds per row written.
+    let per_row = |seconds: f64, phase: &pgdb::Phase| seconds * 1e6 / phase.rows(scale.db_devices);
+    let server = |phase: &pgdb::Phase| {
+        phase
+            .server_cpu_s
+            .map_or("?".to_string(), |s| format!("{:.1}", per_row(s, phase)))
+    };
+    for (name, phase) in [("PgStore::apply", hub), ("bare UNNEST upsert", bare)] {
+        println!(
+            "   {name}: {:.0} rows/s ({} rounds in {:.1} s); per row: {:.1} µs, CPU {:.1} µs \
+             here and {} µs in PostgreSQL, {:.0} B of WAL",
+            phase.timed.rows_per_s,
+            phase.timed.rounds,
+            phase.timed.seconds,
+            1e6 / phase.timed.rows_per_s,
+            per_row(phase.client_cpu_s, phase),
+            server(phase),
+            phase.wal_bytes / phase.rows(scale.db_devices),
+        );
+    }
+    let phase_detail = |phase: &pgdb::Phase| {
+        json!({
+            "rows_per_s": phase.timed.rows_per_s,
+            "rounds": phase.timed.rounds,
+            "seconds": phase.timed.seconds,
+            "client_cpu_us_per_row": per_row(phase.client_cpu_s, phase),
+            "server_cpu_us_per_row": phase.server_cpu_s.map(|s| per_row(s, phase)),
+            "wal_bytes_per_row": phase.wal_bytes / phase.rows(scale.db_devices),
+            "checkpoint_before": phase.checkpointed,
+        })
+    };
+    report.add(
+        "pg_db_ratio",
+        hub.timed.rows_per_s / bare.timed.rows_per_s,
+        "",
+        Some(Goal::AtLeast(0.7)),
+        Some(Baseline {
+            what: format!(
+                "bare UNNEST upsert, {} rows a transaction, {} devices",
+                scale.db_batch, scale.db_devices
+            ),
+            value: bare.timed.rows_per_s,
+            unit: "rows/s",
+        }),
+        json!({
+            "hub_rows_per_s": hub.timed.rows_per_s,
+            "bare_rows_per_s": bare.timed.rows_per_s,
+            "devices": scale.db_devices,
+            "batch": scale.db_batch,
+            "server_version": figures.server_version,
+            "hub": phase_detail(hub),
+            "bare": phase_detail(bare),
         }),
     );
     Ok(())

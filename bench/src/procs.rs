@@ -58,15 +58,7 @@ impl Proc {
 
     /// User plus system CPU time so far, in seconds.
     pub fn cpu_seconds(&self) -> Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after ')'.
-        let ticks = |i: usize| -> Result<f64> {
-            Ok(fields.get(i).context("short /proc stat")?.parse::<f64>()?)
-        };
-        Ok((ticks(11)? + ticks(12)?) / clock_ticks())
+        cpu_seconds(self.pid)
     }
 
     /// Resident set size, in bytes.
@@ -102,6 +94,19 @@ impl Proc {
             }
         }
     }
+}
+
+/// User plus system CPU time of process `pid` so far (all its threads), in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after ')'.
+    let ticks = |i: usize| -> Result<f64> {
+        Ok(fields.get(i).context("short /proc stat")?.parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks())
 }
 
 fn clock_ticks() -> f64 {
