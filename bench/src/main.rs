@@ -14,6 +14,7 @@ mod notify;
 mod pgdb;
 mod procs;
 mod report;
+mod scaling;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,7 +25,7 @@ use clap::Parser;
 
 use crate::report::Report;
 
-const MEASUREMENTS: [&str; 10] = [
+const MEASUREMENTS: [&str; 11] = [
     "ingest",
     "db",
     "pgdb",
@@ -35,6 +36,7 @@ const MEASUREMENTS: [&str; 10] = [
     "sustained",
     "notify",
     "outage",
+    "hubs",
 ];
 
 #[derive(Parser, Debug)]
@@ -45,7 +47,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Only these measurements, comma-separated: ingest, db, pgdb, coalescing, lag,
-    /// storm, memory, sustained, notify, outage.
+    /// storm, memory, sustained, notify, outage, hubs.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The PostgreSQL server `pgdb` creates its databases on (and drops them after),
@@ -186,6 +188,7 @@ async fn main() -> Result<ExitCode> {
             "memory" => measure::memory(dir, scale, report).await,
             "notify" => notify::storm(dir, scale, report).await,
             "outage" => notify::outage(dir, scale, report).await,
+            "hubs" => scaling::scaling(dir, &args.postgres, scale, report).await,
             _ => measure::sustained(dir, scale, report).await,
         };
         // A failed measurement is reported and the rest still run.

@@ -19,11 +19,11 @@ use crate::report::{Baseline, Goal, Report};
 use crate::{Scale, db, pgdb};
 
 /// `offline_after` where a measurement wants no device to go offline.
-const NEVER: Duration = Duration::from_secs(3600);
+pub(crate) const NEVER: Duration = Duration::from_secs(3600);
 /// The hub's default `heartbeat.max_payload`, for the embedded baseline broker.
 const MAX_PAYLOAD: usize = 65_536;
 
-fn fleet(
+pub(crate) fn fleet(
     url: &BrokerUrl,
     prefix: &str,
     devices: u64,
@@ -57,14 +57,14 @@ fn leak(text: String) -> &'static str {
 }
 
 /// A rate over a window, and the CPU a process spent per million of it.
-struct Rate {
-    per_s: f64,
-    cpu_s_per_million: Option<f64>,
-    offered_per_s: f64,
+pub(crate) struct Rate {
+    pub(crate) per_s: f64,
+    pub(crate) cpu_s_per_million: Option<f64>,
+    pub(crate) offered_per_s: f64,
 }
 
 /// Counts over the window: `count` is sampled at its start and end.
-async fn window<F, Fut>(
+pub(crate) async fn window<F, Fut>(
     scale: &Scale,
     fleet: &Fleet,
     proc: Option<&Proc>,
@@ -95,7 +95,7 @@ fn cpu(proc: Option<&Proc>) -> Result<Option<f64>> {
     proc.map(Proc::cpu_seconds).transpose()
 }
 
-fn ingest_fleet(url: &BrokerUrl, offered: u64, qos: QoS, scale: &Scale) -> Fleet {
+pub(crate) fn ingest_fleet(url: &BrokerUrl, offered: u64, qos: QoS, scale: &Scale) -> Fleet {
     let devices = (offered as f64 * scale.ingest_interval.as_secs_f64()) as u64;
     Fleet::start(fleet(
         url,
@@ -135,7 +135,7 @@ async fn commit(hub: &Hub, qos: QoS, offered: u64, scale: &Scale) -> Result<Rate
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum BrokerKind {
+pub(crate) enum BrokerKind {
     Mosquitto,
     Embedded,
 }
@@ -226,7 +226,12 @@ async fn hub_commit(
 
 /// Raises the offered rate until the broker, fresh each time, no longer delivers 90 %
 /// of it to a counting subscriber. Returns the best drain and the rate offered for it.
-async fn find_drain(dir: &Path, kind: BrokerKind, qos: QoS, scale: &Scale) -> Result<(u64, Rate)> {
+pub(crate) async fn find_drain(
+    dir: &Path,
+    kind: BrokerKind,
+    qos: QoS,
+    scale: &Scale,
+) -> Result<(u64, Rate)> {
     let mut best = Best::default();
     for &offered in &scale.ingest_rates {
         let rate = broker_drain(dir, kind, qos, offered, scale).await?;
@@ -476,7 +481,7 @@ pub async fn coalescing(dir: &Path, scale: &Scale, report: &mut Report) -> Resul
 }
 
 /// Lags past each device's deadline, in milliseconds, sorted.
-fn lags_ms(events: &[Offline], offline_after: Duration) -> Vec<i64> {
+pub(crate) fn lags_ms(events: &[Offline], offline_after: Duration) -> Vec<i64> {
     let mut lags: Vec<i64> = events
         .iter()
         .map(|e| e.arrived_ms - e.last_seen_ms - offline_after.as_millis() as i64)
@@ -485,7 +490,7 @@ fn lags_ms(events: &[Offline], offline_after: Duration) -> Vec<i64> {
     lags
 }
 
-fn quantile(sorted: &[i64], q: f64) -> i64 {
+pub(crate) fn quantile(sorted: &[i64], q: f64) -> i64 {
     if sorted.is_empty() {
         return 0;
     }

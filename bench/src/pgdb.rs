@@ -161,7 +161,10 @@ fn database_url(admin: &str, name: &str) -> String {
 
 /// Runs `phase` on a new empty database, `fleetwatch_bench_<uuid>`, and drops the
 /// database afterwards, whether the phase worked or not.
-async fn with_database<T>(admin: &str, phase: impl AsyncFnOnce(&str) -> Result<T>) -> Result<T> {
+pub(crate) async fn with_database<T>(
+    admin: &str,
+    phase: impl AsyncFnOnce(&str) -> Result<T>,
+) -> Result<T> {
     let name = format!("fleetwatch_bench_{}", uuid::Uuid::now_v7().simple());
     let mut conn = connect_admin(admin).await?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
