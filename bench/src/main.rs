@@ -93,6 +93,9 @@ pub struct Scale {
     pub outage_devices: u64,
     pub outage_interval: Duration,
     pub outage_for: Duration,
+    /// The offered rates the several-hubs measurement ramps through: higher than the
+    /// ingest ramp, to find what saturates first with two hubs behind the broker.
+    pub hubs_rates: Vec<u64>,
 }
 
 impl Scale {
@@ -119,6 +122,7 @@ impl Scale {
             outage_devices: 5_000,
             outage_interval: Duration::from_secs(10),
             outage_for: Duration::from_secs(600),
+            hubs_rates: vec![60_000, 120_000, 180_000, 240_000, 300_000],
         }
     }
 
@@ -145,6 +149,7 @@ impl Scale {
             outage_devices: 500,
             outage_interval: Duration::from_secs(1),
             outage_for: Duration::from_secs(15),
+            hubs_rates: vec![10_000, 20_000],
         }
     }
 }

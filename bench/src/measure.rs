@@ -165,7 +165,7 @@ impl Best {
 }
 
 /// One drain step on a fresh broker of `kind`.
-async fn broker_drain(
+pub(crate) async fn broker_drain(
     dir: &Path,
     kind: BrokerKind,
     qos: QoS,
@@ -226,12 +226,7 @@ async fn hub_commit(
 
 /// Raises the offered rate until the broker, fresh each time, no longer delivers 90 %
 /// of it to a counting subscriber. Returns the best drain and the rate offered for it.
-pub(crate) async fn find_drain(
-    dir: &Path,
-    kind: BrokerKind,
-    qos: QoS,
-    scale: &Scale,
-) -> Result<(u64, Rate)> {
+async fn find_drain(dir: &Path, kind: BrokerKind, qos: QoS, scale: &Scale) -> Result<(u64, Rate)> {
     let mut best = Best::default();
     for &offered in &scale.ingest_rates {
         let rate = broker_drain(dir, kind, qos, offered, scale).await?;

@@ -13,7 +13,7 @@ use tokio::time::{self, Instant};
 use crate::Scale;
 use crate::listen::listen;
 use crate::measure::{
-    BrokerKind, NEVER, Rate, find_drain, fleet, ingest_fleet, lags_ms, quantile, window,
+    BrokerKind, NEVER, Rate, broker_drain, fleet, ingest_fleet, lags_ms, quantile, window,
 };
 use crate::pgdb::with_database;
 use crate::procs::{Hub, HubBroker, Mosquitto};
@@ -64,15 +64,16 @@ async fn committed(hubs: &[Hub]) -> Result<f64> {
     Ok(sum)
 }
 
-/// Which part could not keep up with the offered rate in the baseline: the simulator
-/// (it sent less than asked), else the broker (it delivered less than was sent).
-fn saturated(offered: u64, drain: &Rate) -> &'static str {
-    if drain.offered_per_s < 0.95 * offered as f64 {
-        "the load generator (it could not send the rate asked of it)"
+/// Which part could not keep up at one step of the baseline, if one did not: the
+/// simulator (it sent less than asked), else the broker (it delivered less than it
+/// was sent).
+fn saturated(asked: u64, drain: &Rate) -> Option<&'static str> {
+    if drain.offered_per_s < 0.9 * asked as f64 {
+        Some("the load generator (it sent less than asked)")
     } else if drain.per_s < 0.9 * drain.offered_per_s {
-        "the broker (it delivered less than it was sent)"
+        Some("the broker (it delivered less than it was sent)")
     } else {
-        "neither: the broker drained the highest rate tried (add higher ingest rates)"
+        None
     }
 }
 
@@ -131,11 +132,31 @@ async fn two_checkers(dir: &Path, url: &str, scale: &Scale) -> Result<Vec<i64>> 
 }
 
 pub async fn scaling(dir: &Path, admin: &str, scale: &Scale, report: &mut Report) -> Result<()> {
-    let (offered, drain) = find_drain(dir, BrokerKind::Mosquitto, QoS::AtLeastOnce, scale).await?;
-    let first = saturated(offered, &drain);
+    // The broker's drain to a counting subscriber, ramped until one step falls short;
+    // that step says which part gave out first.
+    let mut best: Option<(u64, Rate)> = None;
+    let mut first = "neither: the broker drained the highest rate tried (add higher rates)";
+    for &asked in &scale.hubs_rates {
+        let rate = broker_drain(dir, BrokerKind::Mosquitto, QoS::AtLeastOnce, asked, scale).await?;
+        println!(
+            "   Mosquitto drain, {asked}/s asked: {:.0}/s sent, {:.0}/s delivered",
+            rate.offered_per_s, rate.per_s
+        );
+        let short = saturated(asked, &rate);
+        if best.as_ref().is_none_or(|(_, b)| rate.per_s > b.per_s) {
+            best = Some((asked, rate));
+        }
+        if let Some(short) = short {
+            first = short;
+            break;
+        }
+    }
+    let Some((offered, drain)) = best else {
+        bail!("no rates to try");
+    };
     println!(
-        "   baseline: Mosquitto drained {:.0}/s of {:.0}/s sent ({offered}/s asked); saturated first: {first}",
-        drain.per_s, drain.offered_per_s
+        "   baseline: Mosquitto drained {:.0}/s at {offered}/s asked; saturated first: {first}",
+        drain.per_s
     );
     let mut rates = Vec::new();
     for n in [1, 2] {
