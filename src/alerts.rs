@@ -109,12 +109,11 @@ const FOLLOW_PAGE: u32 = 1024;
 
 /// Feeds live viewers every transition any hub commits, in commit order: reads the log
 /// from its end at start, again whenever `changed` is notified (another hub's commit,
-/// or this one's), and at least every second, until `stop`.
+/// or this one's), and at least every second, until the task is dropped.
 pub async fn follow_log(
     log: Arc<dyn NotificationStore>,
     alerts: AlertChannel,
     changed: Arc<Notify>,
-    stop: tokio_util::sync::CancellationToken,
 ) {
     let mut cursor = None;
     loop {
@@ -139,7 +138,6 @@ pub async fn follow_log(
             Err(e) => tracing::debug!(error = %e, "could not read the event log for live views"),
         }
         tokio::select! {
-            () = stop.cancelled() => return,
             () = changed.notified() => {}
             () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
         }

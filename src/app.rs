@@ -252,7 +252,6 @@ impl Application {
                 Arc::clone(&self.log),
                 alerts.clone(),
                 live_changed,
-                CancellationToken::new(),
             )))
         });
         let (queue, inbox) = mpsc::channel(hb.queue_capacity);

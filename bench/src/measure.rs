@@ -13,7 +13,7 @@ use fleetwatch::mqtt::broker_packet_limit;
 use serde_json::json;
 use tokio::time::{self, Instant};
 
-use crate::listen::{Offline, listen};
+use crate::listen::{Heard, Offline, listen};
 use crate::procs::{Hub, HubBroker, Mosquitto, Proc, free_port};
 use crate::report::{Baseline, Goal, Report};
 use crate::{Scale, db, pgdb};
@@ -525,25 +525,36 @@ async fn silence(
     // A device scheduled at the very end of the run may not have been heard at all:
     // wait for the offline events of the devices the hub registered.
     hub.settle(Duration::from_secs(30)).await?;
+    let events = all_offline(&listener.heard, &hub, devices, offline_after).await?;
+    hub.stop().await?;
+    mosquitto.stop().await?;
+    Ok(events)
+}
+
+/// Once the fleet has stopped and `hub` settled: every offline event of the devices
+/// the hub registered (at least 99 % of the `devices` started), waited for.
+pub(crate) async fn all_offline(
+    heard: &Heard,
+    hub: &Hub,
+    devices: u64,
+    offline_after: Duration,
+) -> Result<Vec<Offline>> {
     let expected = hub.devices().await? as usize;
     if expected + expected / 100 < devices as usize {
         bail!("only {expected} of {devices} devices were heard");
     }
     let limit = offline_after + Duration::from_secs(60);
     let deadline = Instant::now() + limit;
-    while listener.heard.offline_count() < expected {
+    while heard.offline_count() < expected {
         if Instant::now() > deadline {
             bail!(
                 "{} of {expected} offline events within {limit:?}",
-                listener.heard.offline_count()
+                heard.offline_count()
             );
         }
         time::sleep(Duration::from_millis(100)).await;
     }
-    let events = listener.heard.offline();
-    hub.stop().await?;
-    mosquitto.stop().await?;
-    Ok(events)
+    Ok(heard.offline())
 }
 
 pub async fn lag(dir: &Path, scale: &Scale, report: &mut Report) -> Result<()> {

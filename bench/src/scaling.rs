@@ -8,12 +8,13 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use firmware_sim::{Fleet, QoS};
 use serde_json::json;
-use tokio::time::{self, Instant};
+use tokio::time;
 
 use crate::Scale;
 use crate::listen::listen;
 use crate::measure::{
-    BrokerKind, NEVER, Rate, broker_drain, fleet, ingest_fleet, lags_ms, quantile, window,
+    BrokerKind, NEVER, Rate, all_offline, broker_drain, fleet, ingest_fleet, lags_ms, quantile,
+    window,
 };
 use crate::pgdb::with_database;
 use crate::procs::{Hub, HubBroker, Mosquitto};
@@ -110,22 +111,8 @@ async fn two_checkers(dir: &Path, url: &str, scale: &Scale) -> Result<Vec<i64>> 
     for hub in &hubs {
         hub.settle(Duration::from_secs(30)).await?;
     }
-    let expected = hubs[0].devices().await? as usize;
-    if expected + expected / 100 < devices as usize {
-        bail!("only {expected} of {devices} devices were heard");
-    }
-    let limit = after + Duration::from_secs(60);
-    let deadline = Instant::now() + limit;
-    while listener.heard.offline_count() < expected {
-        if Instant::now() > deadline {
-            bail!(
-                "{} of {expected} offline events within {limit:?}",
-                listener.heard.offline_count()
-            );
-        }
-        time::sleep(Duration::from_millis(100)).await;
-    }
-    let lags = lags_ms(&listener.heard.offline(), after);
+    let events = all_offline(&listener.heard, &hubs[0], devices, after).await?;
+    let lags = lags_ms(&events, after);
     stop_all(hubs).await?;
     mosquitto.stop().await?;
     Ok(lags)

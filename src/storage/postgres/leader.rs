@@ -89,6 +89,8 @@ impl Leadership for PgLeadership {
             let listening = async {
                 let mut listener = PgListener::connect_with(&pool).await?;
                 listener.listen(OUTBOX_CHANNEL).await?;
+                // Listening again: the next outage is logged too.
+                failing = false;
                 loop {
                     listener.recv().await?;
                     outbox_grew.notify_one();
@@ -96,11 +98,10 @@ impl Leadership for PgLeadership {
             };
             let result: Result<(), sqlx::Error> = listening.await;
             if let Err(e) = result
-                && !failing
+                && !std::mem::replace(&mut failing, true)
             {
                 tracing::warn!(error = %e, "cannot listen for other hubs' status events; reading the outbox every second");
             }
-            failing = true;
             tokio::time::sleep(RETRY).await;
         }
     }

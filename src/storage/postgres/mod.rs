@@ -304,20 +304,15 @@ async fn refresh_steady(
         fields.push(refresh.update, refresh.error)?;
         expected.push(refresh.status.as_str());
     }
-    let refreshed: HashSet<String> = fields
+    let refreshed = fields
         .bind(sqlx::query(REFRESH_STEADY))
         .bind(expected)
         .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|row| row.try_get("device_id"))
-        .collect::<Result<_, _>>()?;
-    Ok(refreshes
-        .iter()
-        .map(|r| r.update.device.as_str())
-        .filter(|id| !refreshed.contains(*id))
-        .map(str::to_string)
-        .collect())
+        .await?;
+    not_returned(
+        &refreshed,
+        refreshes.iter().map(|r| r.update.device.as_str()),
+    )
 }
 
 /// The stored state of the devices `ids` names, by id, locked until the transaction
@@ -346,6 +341,37 @@ async fn read_current(
     Ok(current)
 }
 
+/// The ids of `wanted` whose rows a `… RETURNING device_id` statement did not return.
+fn not_returned<'a>(
+    returned: &[PgRow],
+    wanted: impl Iterator<Item = &'a str>,
+) -> Result<HashSet<String>, StoreError> {
+    let returned: HashSet<String> = returned
+        .iter()
+        .map(|row| row.try_get("device_id"))
+        .collect::<Result<_, _>>()?;
+    Ok(wanted
+        .filter(|id| !returned.contains(*id))
+        .map(str::to_string)
+        .collect())
+}
+
+/// `sql` (one of the `…_DECIDED` statements) with `rows` bound.
+fn decided<'q>(
+    sql: &'static str,
+    rows: &[&rules::Row<'q>],
+) -> Result<sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>, StoreError> {
+    let mut fields = Fields::with_capacity(rows.len());
+    let mut statuses = Vec::with_capacity(rows.len());
+    let mut changed = Vec::with_capacity(rows.len());
+    for row in rows {
+        fields.push(row.update, row.error)?;
+        statuses.push(row.status.as_str());
+        changed.push(time(row.status_changed_at));
+    }
+    Ok(fields.bind(sqlx::query(sql)).bind(statuses).bind(changed))
+}
+
 /// Writes decided rows: updates those whose devices were read (and locked), inserts
 /// the others unless another writer has meanwhile. Returns the ids of devices that
 /// were new when read but exist now: their decision was made on a state that is gone.
@@ -357,38 +383,14 @@ async fn write_decided(
     let (known, new): (Vec<&rules::Row<'_>>, Vec<&rules::Row<'_>>) = rows
         .iter()
         .partition(|row| current.contains_key(row.update.device.as_str()));
-    let mut lost = HashSet::new();
-    for (rows, sql) in [(known, UPDATE_DECIDED), (new, INSERT_DECIDED)] {
-        if rows.is_empty() {
-            continue;
-        }
-        let mut fields = Fields::with_capacity(rows.len());
-        let mut statuses = Vec::with_capacity(rows.len());
-        let mut changed = Vec::with_capacity(rows.len());
-        for row in &rows {
-            fields.push(row.update, row.error)?;
-            statuses.push(row.status.as_str());
-            changed.push(time(row.status_changed_at));
-        }
-        let query = fields.bind(sqlx::query(sql)).bind(statuses).bind(changed);
-        if sql == INSERT_DECIDED {
-            let inserted: HashSet<String> = query
-                .fetch_all(&mut *tx)
-                .await?
-                .iter()
-                .map(|row| row.try_get("device_id"))
-                .collect::<Result<_, _>>()?;
-            lost.extend(
-                rows.iter()
-                    .map(|row| row.update.device.as_str())
-                    .filter(|id| !inserted.contains(*id))
-                    .map(str::to_string),
-            );
-        } else {
-            query.execute(&mut *tx).await?;
-        }
+    if !known.is_empty() {
+        decided(UPDATE_DECIDED, &known)?.execute(&mut *tx).await?;
     }
-    Ok(lost)
+    if new.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let inserted = decided(INSERT_DECIDED, &new)?.fetch_all(&mut *tx).await?;
+    not_returned(&inserted, new.iter().map(|row| row.update.device.as_str()))
 }
 
 /// Appends `events` to the log in order, first taking [`OUTBOX_LOCK`] until the
