@@ -96,7 +96,8 @@ impl Application {
             settings.mqtt.broker == BrokerMode::Embedded,
         );
         report_budget(&files);
-        let stores = storage::connect_all(&settings.database).await?;
+        let stores =
+            storage::connect_all(&settings.database, settings.heartbeat.deadlines()).await?;
         let sinks = Sinks::new(
             settings.sinks()?,
             stores.clone(),
@@ -278,7 +279,6 @@ impl Application {
         let checker = OfflineChecker::new(
             Arc::clone(&self.store),
             self.clock.clone(),
-            hb.offline_after,
             listening,
             FlushHandle::new(queue.clone()),
             alerts.clone(),

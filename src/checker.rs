@@ -1,11 +1,12 @@
-//! The offline checker: finds devices whose deadline (`last_seen_at + offline_after`)
-//! has passed and takes them offline, exactly once.
+//! The offline checker: finds devices whose deadline (`last_seen_at` plus the
+//! device's own `offline_after`, [`crate::deadline`]) has passed and takes them
+//! offline, exactly once.
 //!
 //! A pass is careful about two kinds of silence that are not the device's fault:
 //! heartbeats the hub has received but not yet committed (it asks the handler to
 //! flush first, through the same queue, so everything heard before the pass counts),
 //! and time the hub could not hear at all (startup grace: no device goes offline
-//! until the hub has been subscribed for a full `offline_after`).
+//! until the hub has been subscribed for a full `offline_after` of that device's).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -32,8 +33,6 @@ pub type Listening = watch::Receiver<Option<Timestamp>>;
 pub enum Pass {
     /// The hub is not subscribed: it cannot tell silence from deafness.
     NotListening,
-    /// Subscribed, but not yet for `offline_after`: nobody can be overdue.
-    Grace { until: Timestamp },
     /// Devices taken offline, in one transaction.
     Checked(Vec<StatusEvent>),
 }
@@ -46,31 +45,12 @@ pub enum CheckError {
     Store(#[from] StoreError),
 }
 
-/// The cutoff for a pass at `now`: devices last seen before it are overdue. `Err`
-/// says why no device can be overdue yet.
-pub fn cutoff(
-    now: Timestamp,
-    offline_after: Duration,
-    listening_since: Option<Timestamp>,
-) -> Result<Timestamp, Pass> {
-    let since = listening_since.ok_or(Pass::NotListening)?;
-    let cutoff = now.saturating_sub(offline_after);
-    if since > cutoff {
-        // Every device has been heard of, or could have been, after `since`.
-        return Err(Pass::Grace {
-            until: since.saturating_add(offline_after),
-        });
-    }
-    Ok(cutoff)
-}
-
 pub struct OfflineChecker {
     store: Arc<dyn Store>,
     clock: Clock,
     /// When the system clock was last set: silence is only measured after it, like
     /// after a reconnect.
     clock_set_at: std::sync::Mutex<Option<Timestamp>>,
-    offline_after: Duration,
     listening: Listening,
     flush: FlushHandle,
     alerts: AlertChannel,
@@ -81,7 +61,6 @@ impl OfflineChecker {
     pub fn new(
         store: Arc<dyn Store>,
         clock: Clock,
-        offline_after: Duration,
         listening: Listening,
         flush: FlushHandle,
         alerts: AlertChannel,
@@ -91,7 +70,6 @@ impl OfflineChecker {
             store,
             clock,
             clock_set_at: std::sync::Mutex::new(None),
-            offline_after,
             listening,
             flush,
             alerts,
@@ -116,16 +94,15 @@ impl OfflineChecker {
             Some(set_at) => since.max(set_at),
             None => since,
         });
-        let cutoff = match cutoff(asked_at, self.offline_after, listening_since) {
-            Ok(cutoff) => cutoff,
-            Err(skip) => return Ok(skip),
+        let Some(heard_since) = listening_since else {
+            return Ok(Pass::NotListening);
         };
         // Everything received before `asked_at` is committed after this, so a device
-        // still older than `cutoff` really was silent for `offline_after`. The pass is
-        // dated `asked_at`: anything committed after it was received after it, so a
-        // device's `changed_at` never runs backwards.
+        // whose deadline is still before it really was silent for its `offline_after`.
+        // The pass is dated `asked_at`: anything committed after it was received after
+        // it, so a device's `changed_at` never runs backwards.
         self.flush.flush().await?;
-        let events = self.store.mark_offline(cutoff, asked_at).await?;
+        let events = self.store.mark_offline(asked_at, heard_since).await?;
         self.alerts.committed(&events);
         Ok(Pass::Checked(events))
     }
@@ -155,9 +132,6 @@ impl OfflineChecker {
             match result {
                 Ok(Pass::Checked(events)) => {
                     tracing::debug!(went_offline = events.len(), elapsed_ms, "offline check")
-                }
-                Ok(Pass::Grace { until }) => {
-                    tracing::debug!(until = %until, "offline check skipped: startup grace")
                 }
                 Ok(Pass::NotListening) => {
                     tracing::debug!("offline check skipped: not subscribed to the broker")
@@ -194,7 +168,7 @@ mod tests {
         clock: Clock,
     }
 
-    fn harness(offline_after: Duration) -> Harness {
+    fn harness() -> Harness {
         let store = Arc::new(FakeStore::default());
         let clock = Clock::starting_at(Timestamp::from_unix_millis(1_000_000));
         let (listening, listening_rx) = watch::channel(None);
@@ -213,7 +187,6 @@ mod tests {
         let checker = OfflineChecker::new(
             Arc::clone(&store) as Arc<dyn Store>,
             clock.clone(),
-            offline_after,
             listening_rx,
             FlushHandle::new(queue),
             AlertChannel::new(Arc::clone(&metrics)),
@@ -234,7 +207,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn no_pass_while_not_subscribed() {
-        let h = harness(Duration::from_secs(180));
+        let h = harness();
         assert_eq!(
             h.checker.check_once().await.expect("pass"),
             Pass::NotListening
@@ -244,31 +217,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn startup_grace_lasts_offline_after_from_subscription() {
-        let offline_after = Duration::from_secs(180);
-        let h = harness(offline_after);
+    async fn a_pass_flushes_then_asks_for_devices_silent_since_the_subscription() {
+        let h = harness();
         let since = h.clock.now();
         h.listening.send_replace(Some(since));
-        h.store.watched.lock().expect("lock").push((
-            device("old"),
-            since.saturating_sub(Duration::from_secs(3600)),
-        ));
-
-        time::advance(offline_after - Duration::from_millis(1)).await;
-        assert_eq!(
+        time::advance(Duration::from_secs(5)).await;
+        assert!(matches!(
             h.checker.check_once().await.expect("pass"),
-            Pass::Grace {
-                until: since.saturating_add(offline_after)
-            }
+            Pass::Checked(_)
+        ));
+        assert_eq!(
+            h.store.passes.lock().expect("lock").as_slice(),
+            &[(since.saturating_add(Duration::from_secs(5)), since)]
         );
-
-        time::advance(Duration::from_millis(2)).await;
-        let Pass::Checked(events) = h.checker.check_once().await.expect("pass") else {
-            panic!("grace should be over");
-        };
-        assert_eq!(events.len(), 1);
-        let (cutoff, now) = h.store.passes.lock().expect("lock")[0];
-        assert_eq!(now.millis_since(cutoff), 180_000);
         assert_eq!(
             *h.flushes.lock().expect("lock"),
             1,
@@ -277,9 +238,39 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn startup_grace_lasts_each_devices_own_offline_after_from_subscription() {
+        let h = harness();
+        let since = h.clock.now();
+        h.listening.send_replace(Some(since));
+        let long_ago = since.saturating_sub(Duration::from_secs(3600));
+        h.store.watched.lock().expect("lock").extend([
+            (device("short"), long_ago, Duration::from_secs(10)),
+            (device("long"), long_ago, Duration::from_secs(180)),
+        ]);
+        let taken = |pass: Pass| match pass {
+            Pass::Checked(events) => events
+                .into_iter()
+                .map(|e| e.device_id.to_string())
+                .collect::<Vec<_>>(),
+            other => panic!("no check: {other:?}"),
+        };
+
+        time::advance(Duration::from_secs(9)).await;
+        assert!(taken(h.checker.check_once().await.expect("pass")).is_empty());
+        time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            taken(h.checker.check_once().await.expect("pass")),
+            ["short"]
+        );
+        time::advance(Duration::from_secs(168)).await;
+        assert!(taken(h.checker.check_once().await.expect("pass")).is_empty());
+        time::advance(Duration::from_secs(2)).await;
+        assert_eq!(taken(h.checker.check_once().await.expect("pass")), ["long"]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_reconnect_restarts_the_grace() {
-        let offline_after = Duration::from_secs(10);
-        let h = harness(offline_after);
+        let h = harness();
         h.listening.send_replace(Some(h.clock.now()));
         time::advance(Duration::from_secs(60)).await;
         assert!(matches!(
@@ -291,25 +282,34 @@ mod tests {
             h.checker.check_once().await.expect("pass"),
             Pass::NotListening
         );
-        h.listening.send_replace(Some(h.clock.now()));
-        assert!(matches!(
-            h.checker.check_once().await.expect("pass"),
-            Pass::Grace { .. }
-        ));
+        let back = h.clock.now();
+        h.listening.send_replace(Some(back));
+        h.checker.check_once().await.expect("pass");
+        let passes = h.store.passes.lock().expect("lock").clone();
+        assert_eq!(
+            passes.last(),
+            Some(&(back, back)),
+            "heard only since the reconnect"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn with_default_settings_silence_is_reported_within_a_second_of_the_deadline() {
         let defaults = Settings::default().heartbeat;
-        let h = harness(defaults.offline_after);
+        let h = harness();
         let start = h.clock.now();
         h.listening.send_replace(Some(start));
-        // Deadlines staggered across ten seconds, well after the grace.
-        let last_seen: Vec<_> = (0..40)
+        // Mixed offline_after, deadlines staggered across ten seconds, well after the
+        // grace.
+        let watched: Vec<_> = (0..40)
             .map(|i| {
+                let offline_after = Duration::from_secs(200 + 20 * (i % 4));
+                let deadline =
+                    start.saturating_add(Duration::from_millis(400_000 + 250 * i + 7 * (i % 3)));
                 (
                     device(&format!("d{i}")),
-                    start.saturating_add(Duration::from_millis(200_000 + 250 * i + 7 * (i % 3))),
+                    deadline.saturating_sub(offline_after),
+                    offline_after,
                 )
             })
             .collect();
@@ -317,12 +317,12 @@ mod tests {
             .watched
             .lock()
             .expect("lock")
-            .extend(last_seen.iter().cloned());
+            .extend(watched.iter().cloned());
 
         let shutdown = CancellationToken::new();
         let store = Arc::clone(&h.store);
         let run = tokio::spawn(h.checker.run(defaults.check_interval, shutdown.clone()));
-        time::sleep(Duration::from_secs(400)).await;
+        time::sleep(Duration::from_secs(500)).await;
         shutdown.cancel();
         run.await.expect("checker stops");
 
@@ -330,12 +330,13 @@ mod tests {
             store.watched.lock().expect("lock").is_empty(),
             "every device was taken"
         );
-        let passes = store.passes.lock().expect("lock").clone();
-        for (id, seen) in &last_seen {
-            let deadline = seen.saturating_add(defaults.offline_after);
-            let (_, taken_at) = passes
+        let taken = store.taken.lock().expect("lock").clone();
+        for (id, seen, offline_after) in &watched {
+            let deadline = seen.saturating_add(*offline_after);
+            let taken_at = taken
                 .iter()
-                .find(|(cutoff, _)| *seen < *cutoff)
+                .find(|(taken, _)| taken == id)
+                .map(|(_, at)| *at)
                 .unwrap_or_else(|| panic!("{id} never taken"));
             let lag = taken_at.millis_since(deadline);
             assert!(

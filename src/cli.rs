@@ -126,10 +126,14 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
 }
 
 async fn check(settings: Settings) -> anyhow::Result<()> {
-    let store = storage::connect_all(&settings.database).await?.devices;
+    let store = storage::connect_all(&settings.database, settings.heartbeat.deadlines())
+        .await?
+        .devices;
     let now = Clock::new().now();
-    let cutoff = now.saturating_sub(settings.heartbeat.offline_after);
-    let events = store.mark_offline(cutoff, now).await?;
+    // A one-off pass has no grace: every device's deadline counts.
+    let events = store
+        .mark_offline(now, Timestamp::from_unix_millis(0))
+        .await?;
     for event in &events {
         println!("{}", event.device_id);
     }
@@ -137,7 +141,9 @@ async fn check(settings: Settings) -> anyhow::Result<()> {
 }
 
 async fn devices(settings: Settings, status: Option<Status>, json: bool) -> anyhow::Result<()> {
-    let store = storage::connect_all(&settings.database).await?.devices;
+    let store = storage::connect_all(&settings.database, settings.heartbeat.deadlines())
+        .await?
+        .devices;
     let mut devices = Vec::new();
     let mut query = DeviceQuery {
         status,
@@ -224,6 +230,9 @@ mod tests {
             device_time: None,
             clock_skew_ms: None,
             error: None,
+            offline_after: None,
+            interval: None,
+            deadline_at: None,
             report: Default::default(),
         };
         let row = table_row(&device, Timestamp::from_unix_millis(6_000));

@@ -266,9 +266,13 @@ fn redact_password(url: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatSettings {
-    /// Silence after which an online device is declared offline.
+    /// Silence after which an online device is declared offline, unless it has an
+    /// `offline_after` of its own or declares its interval ([`crate::deadline`]).
     #[serde(with = "humantime_serde")]
     pub offline_after: Duration,
+    /// A device that declares its heartbeat interval goes offline after this many
+    /// of its heartbeats are missing.
+    pub missed_beats: u32,
     /// How often the offline checker runs; detection lags a deadline by at most this
     /// plus one flush.
     #[serde(with = "humantime_serde")]
@@ -288,6 +292,16 @@ pub struct HeartbeatSettings {
     /// About how much memory those held heartbeats may take, in bytes (fields of
     /// 64 metrics with long names make one device's report tens of kilobytes).
     pub max_uncommitted_bytes: usize,
+}
+
+impl HeartbeatSettings {
+    /// The fleet's rules for devices without an `offline_after` of their own.
+    pub fn deadlines(&self) -> crate::deadline::Deadlines {
+        crate::deadline::Deadlines {
+            default: self.offline_after,
+            missed_beats: self.missed_beats,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -379,6 +393,7 @@ impl Default for Settings {
             },
             heartbeat: HeartbeatSettings {
                 offline_after: Duration::from_secs(180),
+                missed_beats: 3,
                 check_interval: Duration::from_millis(250),
                 flush_interval: Duration::from_millis(250),
                 queue_capacity: 16_384,
@@ -561,6 +576,7 @@ impl Settings {
         for (key, value, max) in [
             ("heartbeat.queue_capacity", hb.queue_capacity, 1_000_000),
             ("heartbeat.max_batch", hb.max_batch, 1_000_000),
+            ("heartbeat.missed_beats", hb.missed_beats as usize, 1_000),
             ("heartbeat.max_payload", hb.max_payload, 16 * 1024 * 1024),
             ("heartbeat.max_uncommitted", hb.max_uncommitted, 100_000_000),
             (

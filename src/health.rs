@@ -301,13 +301,21 @@ impl Store for RecordWrites {
 
     async fn mark_offline(
         &self,
-        cutoff: Timestamp,
         now: Timestamp,
+        heard_since: Timestamp,
     ) -> Result<Vec<StatusEvent>, StoreError> {
         self.record(
             Writer::OfflineCheck,
-            self.inner.mark_offline(cutoff, now).await,
+            self.inner.mark_offline(now, heard_since).await,
         )
+    }
+
+    async fn set_offline_after(
+        &self,
+        id: &DeviceId,
+        offline_after: Option<std::time::Duration>,
+    ) -> Result<Device, StoreError> {
+        self.inner.set_offline_after(id, offline_after).await
     }
 
     async fn register(

@@ -31,6 +31,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod credentials;
+pub mod deadline;
 pub mod device;
 pub mod event;
 pub mod health;

@@ -11,8 +11,10 @@
 //! stored status is still the expected one) and reads and decides only the rest.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use crate::clock::Timestamp;
+use crate::deadline::Deadlines;
 use crate::device::DeviceId;
 use crate::event::StatusEvent;
 use crate::registration::Refusal;
@@ -26,6 +28,10 @@ pub struct Current {
     pub last_seen_at: Option<Timestamp>,
     pub status_changed_at: Timestamp,
     pub error: Option<String>,
+    /// The device's own `offline_after` and declared interval: what its deadline
+    /// comes from ([`crate::deadline`]).
+    pub offline_after: Option<Duration>,
+    pub interval: Option<Duration>,
 }
 
 /// A device whose status a flush leaves as it is: written in place, without reading
@@ -33,8 +39,9 @@ pub struct Current {
 /// match (another writer changed it, or it is unknown) takes the full path: read,
 /// [`decide`], write.
 ///
-/// The write sets `last_seen_at`, `error` and the fields the update carries; status
-/// and `status_changed_at` stay.
+/// The write sets `last_seen_at`, `error`, the fields the update carries and the
+/// deadline (from the stored `offline_after` and interval, in the write itself, by
+/// the rules of [`crate::deadline::Deadlines`]); status and `status_changed_at` stay.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Refresh<'a> {
     pub update: &'a DeviceUpdate,
@@ -98,6 +105,10 @@ pub struct Row<'a> {
     pub status_changed_at: Timestamp,
     /// Written as is: `None` clears it.
     pub error: Option<&'a str>,
+    /// `last_seen_at` as written: the later of the update's and the stored one.
+    pub last_seen_at: Option<Timestamp>,
+    /// When the device goes offline if it stays silent (`None`: never heard from).
+    pub deadline_at: Option<Timestamp>,
 }
 
 /// What a flush writes for the devices that take the full path.
@@ -111,11 +122,13 @@ pub struct Decision<'a> {
 /// Runs each update's steps through the status machine from the device's stored state
 /// (`current`, keyed by device id; absent: unknown) and returns the rows and events to
 /// write. A step received before the stored status changed is no transition. Devices
-/// in `refused` are left out; so is an unknown device that only sent its Will.
+/// in `refused` are left out; so is an unknown device that only sent its Will. Each
+/// row's deadline follows `deadlines`.
 pub fn decide<'a>(
     updates: &[&'a DeviceUpdate],
     current: &'a HashMap<String, Current>,
     refused: &HashMap<DeviceId, Refusal>,
+    deadlines: &Deadlines,
 ) -> Decision<'a> {
     let mut events = Vec::new();
     let mut rows = Vec::with_capacity(updates.len());
@@ -162,11 +175,16 @@ pub fn decide<'a>(
             Some(set) => set.as_deref(),
             None => stored.and_then(|c| c.error.as_deref()),
         };
+        let last_seen_at = update.last_seen.max(stored.and_then(|c| c.last_seen_at));
+        let own = stored.and_then(|c| c.offline_after);
+        let interval = update.interval.or(stored.and_then(|c| c.interval));
         rows.push(Row {
             update,
             status,
             status_changed_at,
             error,
+            last_seen_at,
+            deadline_at: last_seen_at.map(|seen| deadlines.deadline(seen, own, interval)),
         });
     }
     Decision { rows, events }
@@ -218,6 +236,8 @@ mod tests {
             last_seen_at: seen.map(at),
             status_changed_at: at(changed),
             error: error.map(str::to_string),
+            offline_after: None,
+            interval: None,
         }
     }
 
@@ -233,7 +253,7 @@ mod tests {
         current: &'a HashMap<String, Current>,
     ) -> Decision<'a> {
         let updates: Vec<&DeviceUpdate> = updates.iter().collect();
-        decide(&updates, current, &HashMap::new())
+        decide(&updates, current, &HashMap::new(), &Deadlines::default())
     }
 
     /// `(device, status, status_changed_at, error)` of each row.
@@ -547,13 +567,51 @@ mod tests {
         let pending: Vec<&DeviceUpdate> = updates.iter().collect();
         let current = HashMap::new();
         let refused = HashMap::from([(id("b"), Refusal::DeviceLimit)]);
-        let decision = decide(&pending, &current, &refused);
+        let decision = decide(&pending, &current, &refused, &Deadlines::default());
         assert_eq!(
             rows(&decision),
             vec![("a".into(), Status::Online, at(1_000), None)]
         );
         assert_eq!(decision.events.len(), 1);
         assert_eq!(decision.events[0].device_id, id("a"));
+    }
+
+    #[test]
+    fn a_rows_deadline_follows_its_own_setting_then_its_interval_then_the_fleet() {
+        let fleet = Deadlines {
+            default: std::time::Duration::from_secs(60),
+            missed_beats: 3,
+        };
+        let updates = flush(|b| {
+            let mut declares = beat(true);
+            declares.interval = Some(std::time::Duration::from_secs(5));
+            b.add_heartbeat(id("declares"), at(10_000), declares);
+            b.add_heartbeat(id("own"), at(10_000), beat(true));
+            b.add_heartbeat(id("plain"), at(10_000), beat(true));
+            b.add_heartbeat(id("remembered"), at(10_000), beat(true));
+        });
+        let mut own = device(Status::Error, Some(500), 500, None);
+        own.offline_after = Some(std::time::Duration::from_secs(2));
+        own.interval = Some(std::time::Duration::from_secs(100));
+        let mut remembered = device(Status::Error, Some(500), 500, None);
+        remembered.interval = Some(std::time::Duration::from_secs(7));
+        let current = stored([("own", own), ("remembered", remembered)]);
+        let pending: Vec<&DeviceUpdate> = updates.iter().collect();
+        let decision = decide(&pending, &current, &HashMap::new(), &fleet);
+        let deadlines: Vec<(String, Option<Timestamp>)> = decision
+            .rows
+            .iter()
+            .map(|r| (r.update.device.to_string(), r.deadline_at))
+            .collect();
+        assert_eq!(
+            deadlines,
+            vec![
+                ("declares".into(), Some(at(25_000))),
+                ("own".into(), Some(at(12_000))),
+                ("plain".into(), Some(at(70_000))),
+                ("remembered".into(), Some(at(31_000))),
+            ]
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! store takes the [`DeviceUpdate`]s; [`crate::rules`] decides what they change.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +26,8 @@ pub struct Heartbeat {
     pub error: Option<String>,
     /// The device's own clock (`timestamp`), kept so skew can be shown.
     pub device_time: Option<Timestamp>,
+    /// How often the device says it sends heartbeats (`interval`).
+    pub interval: Option<Duration>,
     pub report: Report,
 }
 
@@ -111,6 +114,9 @@ pub struct DeviceUpdate {
     pub device_time: Option<Timestamp>,
     /// That clock minus the hub's at the same heartbeat's receipt, in ms.
     pub clock_skew_ms: Option<i64>,
+    /// The heartbeat interval the latest heartbeat that declared one declared; `None`
+    /// keeps what is stored.
+    pub interval: Option<Duration>,
     /// Error text to store: `Some(None)` clears it (the latest heartbeat was ok),
     /// `None` keeps what is stored.
     pub error: Option<Option<String>>,
@@ -151,6 +157,7 @@ impl DeviceUpdate {
             last_seen: None,
             device_time: None,
             clock_skew_ms: None,
+            interval: None,
             error: None,
             report: Report::default(),
         }
@@ -176,6 +183,7 @@ impl DeviceUpdate {
             healthy,
             error,
             device_time,
+            interval,
             report,
         } = heartbeat;
         self.push(Signal::Heartbeat { healthy }, at);
@@ -184,6 +192,7 @@ impl DeviceUpdate {
             self.device_time = Some(device_time);
             self.clock_skew_ms = Some(device_time.millis_since(at));
         }
+        self.interval = interval.or(self.interval);
         self.error = Some(if healthy { None } else { error });
         self.report.merge(report);
     }
@@ -291,6 +300,7 @@ fn merge(mut older: DeviceUpdate, newer: DeviceUpdate) -> DeviceUpdate {
     older.last_seen = newer.last_seen.or(older.last_seen);
     older.device_time = newer.device_time.or(older.device_time);
     older.clock_skew_ms = newer.clock_skew_ms.or(older.clock_skew_ms);
+    older.interval = newer.interval.or(older.interval);
     older.error = newer.error.or(older.error);
     older.report.merge(newer.report);
     older

@@ -41,6 +41,7 @@ pub(crate) fn fleet(
         connections,
         error_rate: 0.0,
         lwt: false,
+        declare_interval: false,
     }
 }
 

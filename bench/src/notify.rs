@@ -142,6 +142,7 @@ fn fleet(
         connections: 10,
         error_rate,
         lwt: false,
+        declare_interval: false,
     })
 }
 

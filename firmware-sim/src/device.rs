@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{self, Instant, MissedTickBehavior};
 
 use crate::connection::{self, ConnectionSpec};
-use crate::{BrokerUrl, SimError, heartbeat_payload};
+use crate::{BrokerUrl, SimError, heartbeat_declaring};
 
 #[derive(Clone, Debug)]
 pub struct DeviceConfig {
@@ -25,6 +25,8 @@ pub struct DeviceConfig {
     pub keep_alive: Duration,
     /// How long `start` waits for the first connection.
     pub connect_timeout: Duration,
+    /// Say `interval` in every heartbeat, so the hub knows when a beat is missed.
+    pub declare_interval: bool,
 }
 
 impl DeviceConfig {
@@ -37,7 +39,13 @@ impl DeviceConfig {
             lwt: true,
             keep_alive: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
+            declare_interval: false,
         }
+    }
+
+    pub fn declare_interval(mut self, declare: bool) -> Self {
+        self.declare_interval = declare;
+        self
     }
 
     pub fn interval(mut self, interval: Duration) -> Self {
@@ -240,10 +248,11 @@ impl Beater {
     }
 
     async fn beat(&mut self) -> Result<(), SimError> {
-        let payload = heartbeat_payload(
+        let payload = heartbeat_declaring(
             &self.config.id,
             self.started.elapsed().as_secs(),
             self.error.as_deref(),
+            self.config.declare_interval.then_some(self.config.interval),
         );
         let topic = format!("devices/{}/heartbeat", self.config.id);
         self.client

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio::time::{self, Instant};
 
 use crate::connection::{self, ConnectionSpec};
-use crate::{BrokerUrl, heartbeat_payload};
+use crate::{BrokerUrl, heartbeat_declaring};
 
 #[derive(Clone, Debug)]
 pub struct FleetConfig {
@@ -34,6 +34,8 @@ pub struct FleetConfig {
     pub error_rate: f64,
     /// Each connection leaves a Will for its first device.
     pub lwt: bool,
+    /// Every heartbeat says `interval`, so the hub knows when beats are missed.
+    pub declare_interval: bool,
 }
 
 impl FleetConfig {
@@ -175,7 +177,12 @@ async fn run_connection(
             .gen_bool(config.error_rate.clamp(0.0, 1.0))
             .then_some("simulated fault");
         let uptime = start.elapsed().as_secs();
-        let payload = heartbeat_payload(&id, uptime, error);
+        let payload = heartbeat_declaring(
+            &id,
+            uptime,
+            error,
+            config.declare_interval.then_some(config.interval),
+        );
         match client
             .publish(
                 format!("devices/{id}/heartbeat"),
@@ -230,6 +237,7 @@ mod tests {
             connections: 1,
             error_rate: 0.0,
             lwt: false,
+            declare_interval: false,
         };
         assert_eq!(config.device_id(7), "sim-007");
         assert_eq!(config.device_id(999), "sim-999");

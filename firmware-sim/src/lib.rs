@@ -21,7 +21,7 @@ mod url;
 
 pub use device::{DeviceConfig, SimDevice};
 pub use fleet::{Fleet, FleetConfig, FleetStats};
-pub use payload::heartbeat_payload;
+pub use payload::{heartbeat_declaring, heartbeat_payload};
 pub use raw::RawPublisher;
 pub use rumqttc::QoS;
 pub use url::{BrokerUrl, Login, Tls, UrlError};

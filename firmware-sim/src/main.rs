@@ -44,6 +44,10 @@ struct Args {
     /// fires when a connection drops; the simulator's own exit disconnects cleanly.
     #[arg(long)]
     lwt: bool,
+    /// Say "interval" in every heartbeat: the hub takes a device offline after
+    /// heartbeat.missed_beats of them are missing, instead of its fleet-wide default.
+    #[arg(long)]
+    declare_interval: bool,
     /// Stop after this long (default: run until Ctrl-C).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
@@ -88,6 +92,7 @@ async fn main() -> ExitCode {
         connections: args.connections.unwrap_or(args.devices),
         error_rate: args.error_rate,
         lwt: args.lwt,
+        declare_interval: args.declare_interval,
     };
     let connections = config.connections.clamp(1, config.devices);
     println!(

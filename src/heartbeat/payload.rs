@@ -196,6 +196,32 @@ pub(crate) struct Wire {
     #[serde(default)]
     #[schema(schema_with = metrics_schema)]
     metrics: Option<BTreeMap<String, f64>>,
+    /// How often the device sends heartbeats: seconds (`30`, `2.5`) or a duration
+    /// (`"30s"`, `"1h"`), from 1 s to 30 days. The device goes offline after
+    /// `heartbeat.missed_beats` of them are missing, unless it has an `offline_after`
+    /// of its own.
+    #[serde(default, deserialize_with = "interval")]
+    #[schema(schema_with = interval_schema)]
+    interval: Option<std::time::Duration>,
+}
+
+/// `interval` as documented: a number of seconds or a duration string.
+fn interval_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+    OneOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::Number)
+                .minimum(Some(1.0))
+                .maximum(Some(crate::deadline::MAX.as_secs_f64())),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .examples([serde_json::json!("30s")]),
+        )
+        .build()
+        .into()
 }
 
 /// `metrics` as documented: numbers by name, at most [`MAX_METRICS`] of them, names
@@ -278,6 +304,67 @@ fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D
     }
 }
 
+/// Seconds as a JSON number, or a duration string (`"30s"`, `"1h 30m"`), within
+/// [`crate::deadline::MIN`]..=[`crate::deadline::MAX`]; or null.
+fn interval<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    use serde::de::{Error, Visitor};
+    use std::time::Duration;
+
+    struct Interval;
+
+    impl<'de> Visitor<'de> for Interval {
+        type Value = Option<Duration>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("seconds or a duration such as \"30s\"")
+        }
+
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_any(self)
+        }
+
+        fn visit_u64<E: Error>(self, s: u64) -> Result<Self::Value, E> {
+            bounded(Duration::from_secs(s))
+        }
+
+        fn visit_i64<E: Error>(self, s: i64) -> Result<Self::Value, E> {
+            Err(E::custom(format!(
+                "interval {s} is not a number of seconds above zero"
+            )))
+        }
+
+        fn visit_f64<E: Error>(self, s: f64) -> Result<Self::Value, E> {
+            let d = Duration::try_from_secs_f64(s)
+                .map_err(|_| E::custom(format!("interval {s} is not a number of seconds")))?;
+            bounded(d)
+        }
+
+        fn visit_str<E: Error>(self, t: &str) -> Result<Self::Value, E> {
+            let d = humantime::parse_duration(t)
+                .map_err(|e| E::custom(format!("interval {t:?} is not a duration: {e}")))?;
+            bounded(d)
+        }
+    }
+
+    fn bounded<E: Error>(d: Duration) -> Result<Option<Duration>, E> {
+        crate::deadline::bounded(d)
+            .map(Some)
+            .map_err(|e| E::custom(format!("interval {e}")))
+    }
+
+    d.deserialize_option(Interval)
+}
+
 fn device_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {
     let text: Option<std::borrow::Cow<'de, str>> = Option::deserialize(d)?;
     text.map(|t| {
@@ -294,6 +381,7 @@ impl From<Wire> for Heartbeat {
             healthy,
             error: if healthy { None } else { wire.error },
             device_time: wire.timestamp,
+            interval: wire.interval,
             report: Report {
                 uptime_seconds: wire.uptime_seconds,
                 free_memory: wire.free_memory,
@@ -405,6 +493,45 @@ mod tests {
         assert_eq!(
             reason(b"{\"hostname\":\"\xff\xfe\"}"),
             RejectReason::InvalidUtf8
+        );
+    }
+
+    #[test]
+    fn interval_is_seconds_or_a_duration_within_a_second_and_thirty_days() {
+        use std::time::Duration;
+        let interval = |json: &str| parse_ok(json).interval;
+        assert_eq!(
+            interval(r#"{"interval":30}"#),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            interval(r#"{"interval":2.5}"#),
+            Some(Duration::from_millis(2_500))
+        );
+        assert_eq!(
+            interval(r#"{"interval":"1h 30m"}"#),
+            Some(Duration::from_secs(5_400))
+        );
+        assert_eq!(interval(r#"{"interval":null}"#), None);
+        assert_eq!(interval("{}"), None);
+        for bad in [
+            r#"{"interval":0}"#,
+            r#"{"interval":-5}"#,
+            r#"{"interval":0.5}"#,
+            r#"{"interval":"soon"}"#,
+            r#"{"interval":"31days"}"#,
+            r#"{"interval":1e300}"#,
+            r#"{"interval":[30]}"#,
+        ] {
+            assert_eq!(reason(bad.as_bytes()), RejectReason::InvalidField, "{bad}");
+        }
+        let Err(e) = parse(br#"{"interval":0}"#, DEFAULT_MAX_PAYLOAD) else {
+            panic!("accepted");
+        };
+        assert!(
+            e.to_string()
+                .contains("interval must be between 1s and 30days"),
+            "{e}"
         );
     }
 

@@ -134,6 +134,67 @@ pub async fn get(
         .ok_or_else(|| StoreError::NotFound(id).into())
 }
 
+/// A change to a device. Fields left out stay as they are.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceChange {
+    /// The device's own `offline_after` (1s to 30days, such as `"20s"` or `"2h"`),
+    /// first in the order a deadline is chosen by; `null` clears it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, example = "20s")]
+    offline_after: Option<Option<String>>,
+}
+
+/// A field that is present, `null` included: `Some(None)` for null, where a missing
+/// field stays `None`.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// Change a device's own settings: its `offline_after`, which moves its pending
+/// deadline at once.
+#[utoipa::path(patch, path = "/api/v1/devices/{id}", tag = "devices",
+    params(("id" = String, Path, description = "Device id", pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length = 128)),
+    request_body = DeviceChange,
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The device, changed", body = Device),
+        (status = 400, description = "Body is not JSON", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "Not a valid device id, an unknown field, or a value out of range", body = ErrorBody),
+        (status = 503, description = "Database not answering", body = ErrorBody),
+    ))]
+pub async fn change(
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    body: Result<Json<DeviceChange>, JsonRejection>,
+) -> Result<Json<Device>, ApiError> {
+    let id = device_id(&id)?;
+    let Json(change) = body.map_err(from_rejection)?;
+    let Some(offline_after) = change.offline_after else {
+        return Err(ApiError::Unprocessable(
+            "nothing to change: the body names no field (offline_after)".into(),
+        ));
+    };
+    let offline_after = offline_after
+        .map(|text| {
+            humantime::parse_duration(&text)
+                .map_err(|e| format!("{text:?} is not a duration: {e}"))
+                .and_then(|d| crate::deadline::bounded(d).map_err(|e| e.to_string()))
+                .map_err(|why| ApiError::Unprocessable(format!("offline_after {why}")))
+        })
+        .transpose()?;
+    Ok(Json(
+        state.store.set_offline_after(&id, offline_after).await?,
+    ))
+}
+
 /// A device an operator expects.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct Registration {

@@ -121,7 +121,7 @@ pub fn router(state: HttpState, limits: RequestLimits) -> Router {
         .timeout(limits.timeout);
     let api = OpenApiRouter::new()
         .routes(routes!(devices::list, devices::register))
-        .routes(routes!(devices::get, devices::delete))
+        .routes(routes!(devices::get, devices::delete, devices::change))
         .routes(routes!(devices::events))
         .routes(routes!(devices::heartbeat))
         .routes(routes!(credentials::issue, credentials::revoke))

@@ -7,10 +7,12 @@
 //! that backend.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::{DeviceQuery, OutboxEntry, OutboxItem, Store, StoreError, Summary};
 use crate::clock::Timestamp;
 use crate::credentials::{CredentialHash, DeviceSecret};
+use crate::deadline::Deadlines;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::registration::{NewDevices, Refusal};
@@ -48,6 +50,10 @@ macro_rules! store_conformance {
             a_credential_needs_an_existing_device,
             deleting_a_device_deletes_its_credential,
             revoking_a_credential_keeps_the_device,
+            each_device_goes_offline_at_its_own_deadline,
+            setting_offline_after_moves_the_pending_deadline_and_null_clears_it,
+            the_grace_counts_each_devices_own_offline_after_from_heard_since,
+            a_declared_interval_is_remembered_and_moves_the_deadline_in_every_write_path,
         );
     };
     ($store:expr => $($test:ident),+ $(,)?) => {
@@ -61,6 +67,13 @@ macro_rules! store_conformance {
     };
 }
 pub(crate) use store_conformance;
+
+/// The deadlines every backend's conformance store is opened with: a short default,
+/// so the tests' clocks stay in seconds.
+pub(crate) const DEADLINES: Deadlines = Deadlines {
+    default: Duration::from_secs(2),
+    missed_beats: 3,
+};
 
 fn id(s: &str) -> DeviceId {
     DeviceId::parse(s).expect("valid id")
@@ -202,7 +215,7 @@ pub(crate) async fn a_heartbeat_after_another_writer_took_the_device_offline_is_
     // `fleetwatch check` in another process, say.
     assert_eq!(
         store
-            .mark_offline(at(5_000), at(6_000))
+            .mark_offline(at(6_000), at(0))
             .await
             .expect("pass")
             .len(),
@@ -239,10 +252,7 @@ pub(crate) async fn a_heartbeat_received_before_another_writer_took_the_device_o
         b.add_heartbeat(id("a"), at(1_000), beat(true, None))
     })
     .await;
-    let offline = store
-        .mark_offline(at(5_000), at(7_000))
-        .await
-        .expect("pass");
+    let offline = store.mark_offline(at(7_000), at(0)).await.expect("pass");
     assert_eq!(offline.len(), 1);
     let late = apply(&store, |b| {
         b.add_heartbeat(id("a"), at(6_500), beat(true, None));
@@ -328,10 +338,7 @@ pub(crate) async fn mark_offline_takes_only_overdue_watched_devices_once(store: 
         .await
         .expect("register");
 
-    let events = store
-        .mark_offline(at(5_000), at(10_000))
-        .await
-        .expect("pass");
+    let events = store.mark_offline(at(10_000), at(0)).await.expect("pass");
     assert_eq!(
         summary(&events),
         vec![
@@ -354,10 +361,7 @@ pub(crate) async fn mark_offline_takes_only_overdue_watched_devices_once(store: 
             .iter()
             .all(|e| e.changed_at == at(10_000) && e.last_seen_at == Some(at(1_000)))
     );
-    let again = store
-        .mark_offline(at(5_000), at(10_001))
-        .await
-        .expect("pass");
+    let again = store.mark_offline(at(10_001), at(0)).await.expect("pass");
     assert!(again.is_empty(), "a transition happens once");
 }
 
@@ -370,7 +374,7 @@ pub(crate) async fn racing_checkers_take_each_device_exactly_once(store: Arc<dyn
     .await;
     let passes = (0..4).map(|n| {
         let store = Arc::clone(&store);
-        tokio::spawn(async move { store.mark_offline(at(5_000), at(10_000 + n)).await })
+        tokio::spawn(async move { store.mark_offline(at(10_000 + n), at(0)).await })
     });
     let mut taken = Vec::new();
     for pass in passes {
@@ -389,10 +393,7 @@ pub(crate) async fn a_hundred_silent_devices_go_offline_in_one_pass(store: Arc<d
         }
     })
     .await;
-    let events = store
-        .mark_offline(at(2_000), at(2_500))
-        .await
-        .expect("pass");
+    let events = store.mark_offline(at(3_500), at(0)).await.expect("pass");
     assert_eq!(events.len(), 100);
 }
 
@@ -717,10 +718,7 @@ pub(crate) async fn a_flush_of_ok_heartbeats_changes_only_the_devices_not_alread
     })
     .await;
     // Another writer takes "b" offline; the handler still thinks it online.
-    let taken = store
-        .mark_offline(at(5_000), at(6_000))
-        .await
-        .expect("pass");
+    let taken = store.mark_offline(at(6_000), at(0)).await.expect("pass");
     assert_eq!(
         summary(&taken),
         vec![(
@@ -859,4 +857,165 @@ pub(crate) async fn revoking_a_credential_keeps_the_device(store: Arc<dyn Store>
         store.revoke_credential(&id("ghost")).await,
         Err(StoreError::NotFound(_))
     ));
+}
+
+fn beat_every(interval_ms: u64) -> Heartbeat {
+    Heartbeat {
+        interval: Some(Duration::from_millis(interval_ms)),
+        ..beat(true, None)
+    }
+}
+
+async fn taken(store: &Arc<dyn Store>, now: i64, heard_since: i64) -> Vec<String> {
+    let mut ids: Vec<String> = store
+        .mark_offline(at(now), at(heard_since))
+        .await
+        .expect("pass")
+        .iter()
+        .map(|e| e.device_id.to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn deadline_of(store: &Arc<dyn Store>, device: &str) -> Option<Timestamp> {
+    store
+        .device(&id(device))
+        .await
+        .expect("read")
+        .expect("exists")
+        .deadline_at
+}
+
+/// Default 2 s ([`DEADLINES`]), a declared interval of 1 s (three missed: 3 s), an
+/// own setting of 10 s: three deadlines, each device taken at its own.
+pub(crate) async fn each_device_goes_offline_at_its_own_deadline(store: Arc<dyn Store>) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("plain"), at(1_000), beat(true, None));
+        b.add_heartbeat(id("declares"), at(1_000), beat_every(1_000));
+        b.add_heartbeat(id("own"), at(1_000), beat(false, None));
+    })
+    .await;
+    let own = store
+        .set_offline_after(&id("own"), Some(Duration::from_secs(10)))
+        .await
+        .expect("set");
+    assert_eq!(
+        (own.offline_after, own.deadline_at),
+        (Some(Duration::from_secs(10)), Some(at(11_000)))
+    );
+    let declares = store.device(&id("declares")).await.expect("read");
+    let declares = declares.expect("exists");
+    assert_eq!(
+        (declares.interval, declares.deadline_at),
+        (Some(Duration::from_secs(1)), Some(at(4_000)))
+    );
+    assert_eq!(deadline_of(&store, "plain").await, Some(at(3_000)));
+
+    assert_eq!(taken(&store, 3_000, 0).await, Vec::<String>::new());
+    assert_eq!(taken(&store, 3_001, 0).await, ["plain"]);
+    assert_eq!(taken(&store, 10_000, 0).await, ["declares"]);
+    assert_eq!(taken(&store, 11_001, 0).await, ["own"]);
+}
+
+pub(crate) async fn setting_offline_after_moves_the_pending_deadline_and_null_clears_it(
+    store: Arc<dyn Store>,
+) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat(true, None))
+    })
+    .await;
+    store
+        .set_offline_after(&id("a"), Some(Duration::from_secs(60)))
+        .await
+        .expect("set");
+    assert_eq!(taken(&store, 5_000, 0).await, Vec::<String>::new());
+    // A later heartbeat keeps the device's own setting.
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(6_000), beat(true, None))
+    })
+    .await;
+    assert_eq!(deadline_of(&store, "a").await, Some(at(66_000)));
+    let cleared = store
+        .set_offline_after(&id("a"), None)
+        .await
+        .expect("clear");
+    assert_eq!(
+        (cleared.offline_after, cleared.deadline_at),
+        (None, Some(at(8_000)))
+    );
+    assert_eq!(taken(&store, 8_001, 0).await, ["a"]);
+    assert!(matches!(
+        store
+            .set_offline_after(&id("nobody"), Some(Duration::from_secs(5)))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+/// The hub could hear devices only since 8.5 s: a device with a 1 s offline_after is
+/// overdue at 10 s, one with the 2 s default is not yet, however long ago both were
+/// last seen.
+pub(crate) async fn the_grace_counts_each_devices_own_offline_after_from_heard_since(
+    store: Arc<dyn Store>,
+) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("short"), at(1_000), beat(true, None));
+        b.add_heartbeat(id("default"), at(1_000), beat(true, None));
+    })
+    .await;
+    store
+        .set_offline_after(&id("short"), Some(Duration::from_secs(1)))
+        .await
+        .expect("set");
+    assert_eq!(taken(&store, 10_000, 8_500).await, ["short"]);
+    assert_eq!(taken(&store, 10_400, 8_500).await, Vec::<String>::new());
+    assert_eq!(taken(&store, 10_501, 8_500).await, ["default"]);
+}
+
+/// Steady heartbeats (the fast refresh) and status changes (the full path) both
+/// write the deadline: a newly declared interval moves it, a heartbeat without one
+/// keeps the interval stored, a device's own setting outranks it.
+pub(crate) async fn a_declared_interval_is_remembered_and_moves_the_deadline_in_every_write_path(
+    store: Arc<dyn Store>,
+) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat_every(1_000))
+    })
+    .await;
+    assert_eq!(deadline_of(&store, "a").await, Some(at(4_000)));
+    // Steady: online, still online.
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(2_000), beat_every(10_000))
+    })
+    .await;
+    assert_eq!(deadline_of(&store, "a").await, Some(at(32_000)));
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(3_000), beat(true, None))
+    })
+    .await;
+    assert_eq!(deadline_of(&store, "a").await, Some(at(33_000)));
+    // Full path: online to error keeps the remembered interval.
+    let events = apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(4_000), beat(false, None))
+    })
+    .await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(deadline_of(&store, "a").await, Some(at(34_000)));
+    store
+        .set_offline_after(&id("a"), Some(Duration::from_secs(5)))
+        .await
+        .expect("set");
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(5_000), beat_every(20_000))
+    })
+    .await;
+    assert_eq!(deadline_of(&store, "a").await, Some(at(10_000)));
+    // Offline, then back: the full path from offline.
+    assert_eq!(taken(&store, 10_001, 0).await, ["a"]);
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(11_000), beat(true, None))
+    })
+    .await;
+    assert_eq!(deadline_of(&store, "a").await, Some(at(16_000)));
 }

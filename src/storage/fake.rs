@@ -3,6 +3,7 @@
 //! run the real SQLite store.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -17,10 +18,13 @@ use crate::update::DeviceUpdate;
 
 #[derive(Default)]
 pub struct FakeStore {
-    /// Online devices and their last_seen; `mark_offline` takes the overdue ones, once.
-    pub watched: Mutex<Vec<(DeviceId, Timestamp)>>,
-    /// `(cutoff, now)` of every offline pass.
+    /// Online devices, their last_seen and offline_after; `mark_offline` takes the
+    /// overdue ones, once, by the rule the real stores follow.
+    pub watched: Mutex<Vec<(DeviceId, Timestamp, Duration)>>,
+    /// `(now, heard_since)` of every offline pass.
     pub passes: Mutex<Vec<(Timestamp, Timestamp)>>,
+    /// Devices taken offline, and when.
+    pub taken: Mutex<Vec<(DeviceId, Timestamp)>>,
     /// Every batch `apply` committed.
     pub applied: Mutex<Vec<Vec<DeviceUpdate>>>,
     /// While set, `apply` fails with this message and commits nothing.
@@ -64,19 +68,34 @@ impl Store for FakeStore {
 
     async fn mark_offline(
         &self,
-        cutoff: Timestamp,
         now: Timestamp,
+        heard_since: Timestamp,
     ) -> Result<Vec<StatusEvent>, StoreError> {
-        self.passes.lock().expect("lock").push((cutoff, now));
+        self.passes.lock().expect("lock").push((now, heard_since));
         let mut watched = self.watched.lock().expect("lock");
         let (overdue, fine): (Vec<_>, Vec<_>) =
-            watched.drain(..).partition(|(_, seen)| *seen < cutoff);
+            watched.drain(..).partition(|(_, seen, offline_after)| {
+                seen.saturating_add(*offline_after) < now
+                    && heard_since.saturating_add(*offline_after) < now
+            });
         *watched = fine;
         let timeout = transition(Some(Status::Online), Signal::Timeout).expect("transition");
+        self.taken
+            .lock()
+            .expect("lock")
+            .extend(overdue.iter().map(|(id, _, _)| (id.clone(), now)));
         Ok(overdue
             .into_iter()
-            .map(|(id, seen)| StatusEvent::new(id, timeout, Some(seen), now))
+            .map(|(id, seen, _)| StatusEvent::new(id, timeout, Some(seen), now))
             .collect())
+    }
+
+    async fn set_offline_after(
+        &self,
+        id: &DeviceId,
+        _: Option<Duration>,
+    ) -> Result<Device, StoreError> {
+        Err(StoreError::NotFound(id.clone()))
     }
 
     async fn register(

@@ -23,6 +23,7 @@ mod rows;
 pub mod sqlite;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -32,6 +33,7 @@ pub use notifications::NotificationStore;
 
 use crate::clock::Timestamp;
 use crate::credentials::CredentialHash;
+use crate::deadline::Deadlines;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::registration::{NewDevices, Refusal};
@@ -53,6 +55,18 @@ pub struct Device {
     /// That clock minus the hub's when the heartbeat arrived, in milliseconds.
     pub clock_skew_ms: Option<i64>,
     pub error: Option<String>,
+    /// The device's own `offline_after`, set through the API (`None`: it has none).
+    #[serde(with = "humantime_serde")]
+    #[schema(value_type = Option<String>, example = "20s")]
+    pub offline_after: Option<Duration>,
+    /// The heartbeat interval the device declares (`interval` in its heartbeats).
+    #[serde(with = "humantime_serde")]
+    #[schema(value_type = Option<String>, example = "30s")]
+    pub interval: Option<Duration>,
+    /// When it goes offline if it stays silent: `last_seen_at` plus its
+    /// `offline_after` (interface.md "Deadlines"). Only meaningful while it is online
+    /// or in error.
+    pub deadline_at: Option<Timestamp>,
     #[serde(flatten)]
     pub report: Report,
 }
@@ -68,14 +82,25 @@ pub trait Store: Send + Sync + 'static {
     -> Result<Applied, StoreError>;
 
     /// Takes every device in a watched status (online, error: the transitions of
-    /// [`crate::rules::timeouts`]) last seen before `cutoff` offline, at `now`, in one
-    /// transaction, and returns their events. A device is taken by exactly one
-    /// caller even when several run at once.
+    /// [`crate::rules::timeouts`]) whose deadline is before `now` offline, in one
+    /// transaction, and returns their events; except a device whose `offline_after`
+    /// has not yet passed since `heard_since` (the hub could not hear it before then:
+    /// its grace). A device is taken by exactly one caller even when several run at
+    /// once.
     async fn mark_offline(
         &self,
-        cutoff: Timestamp,
         now: Timestamp,
+        heard_since: Timestamp,
     ) -> Result<Vec<StatusEvent>, StoreError>;
+
+    /// Gives a device its own `offline_after` (`None` clears it) and moves its
+    /// deadline accordingly; returns the device. [`StoreError::NotFound`] if it
+    /// does not exist.
+    async fn set_offline_after(
+        &self,
+        id: &DeviceId,
+        offline_after: Option<Duration>,
+    ) -> Result<Device, StoreError>;
 
     /// Registers a device an operator expects (status provisioning), unless the store
     /// already holds `max_devices`.
@@ -229,19 +254,22 @@ pub fn supported_url(url: &str) -> bool {
     url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
-/// Opens the database `settings.url` names, runs its migrations, and returns both
-/// stores.
-pub async fn connect_all(settings: &crate::config::DatabaseSettings) -> Result<Stores, StoreError> {
+/// Opens the database `settings.url` names, runs its migrations, brings every
+/// stored deadline in line with `deadlines`, and returns both stores.
+pub async fn connect_all(
+    settings: &crate::config::DatabaseSettings,
+    deadlines: Deadlines,
+) -> Result<Stores, StoreError> {
     let url = settings.url.as_str();
     if url.starts_with("sqlite:") {
-        let store = Arc::new(sqlite::SqliteStore::connect(url).await?);
+        let store = Arc::new(sqlite::SqliteStore::open(url, deadlines).await?);
         Ok(Stores {
             devices: store.clone(),
             notifications: store,
             leadership: Arc::new(leader::Alone),
         })
     } else if supported_url(url) {
-        let store = Arc::new(postgres::PgStore::connect(url, settings.postgres()).await?);
+        let store = Arc::new(postgres::PgStore::open(url, settings.postgres(), deadlines).await?);
         let options = postgres::PgStore::options(url, settings.postgres())?;
         Ok(Stores {
             devices: store.clone(),
@@ -253,12 +281,12 @@ pub async fn connect_all(settings: &crate::config::DatabaseSettings) -> Result<S
     }
 }
 
-/// Opens the store `url` names, with default connection settings, and runs its
-/// migrations.
+/// Opens the store `url` names, with default connection settings and deadlines, and
+/// runs its migrations.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     let settings = crate::config::DatabaseSettings {
         url: url.to_string(),
         ..crate::config::Settings::default().database
     };
-    Ok(connect_all(&settings).await?.devices)
+    Ok(connect_all(&settings, Deadlines::default()).await?.devices)
 }

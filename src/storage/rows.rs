@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::notifications::Payload;
 use super::{Device, OutboxEntry, OutboxItem, StoreError, TOMBSTONE};
 use crate::clock::Timestamp;
+use crate::deadline;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::status::Status;
@@ -111,6 +112,9 @@ pub(crate) fn device(row: &impl Columns) -> Result<Device, StoreError> {
         device_time: row.time("device_time")?,
         clock_skew_ms: row.int("clock_skew_ms")?,
         error: row.text("error")?,
+        offline_after: row.int("offline_after_ms")?.map(deadline::from_millis),
+        interval: row.int("interval_ms")?.map(deadline::from_millis),
+        deadline_at: row.time("deadline_at")?,
         report: Report {
             uptime_seconds: row.unsigned("uptime_seconds")?,
             free_memory: row.unsigned("free_memory")?,

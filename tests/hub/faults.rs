@@ -74,6 +74,7 @@ pub fn fleet(url: &BrokerUrl, prefix: &str, devices: u64, interval: Duration) ->
         connections: 4,
         error_rate: 0.0,
         lwt: false,
+        declare_interval: false,
     })
 }
 

@@ -8,6 +8,7 @@
 mod browser;
 mod cli;
 mod database;
+mod deadlines;
 mod faults;
 mod helpers;
 mod http;
@@ -58,6 +59,14 @@ mod embedded {
         (crate::helpers::Broker::Embedded, ()),
         crate::helpers::Database::Sqlite
     );
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_device_goes_offline_at_its_own_deadline() {
+        crate::deadlines::each_device_goes_offline_at_its_own_deadline(
+            crate::helpers::Broker::Embedded.into(),
+        )
+        .await;
+    }
 }
 
 #[cfg(feature = "mosquitto-tests")]
@@ -135,6 +144,15 @@ mod postgres {
         (crate::helpers::Broker::Embedded, ()),
         crate::helpers::Database::Postgres
     );
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_device_goes_offline_at_its_own_deadline() {
+        crate::deadlines::each_device_goes_offline_at_its_own_deadline(crate::helpers::Setup {
+            broker: crate::helpers::Broker::Embedded,
+            database: crate::helpers::Database::Postgres,
+        })
+        .await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sigkill_and_restart_lose_nothing_repeat_nothing_and_respect_the_grace() {

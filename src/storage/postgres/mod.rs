@@ -35,6 +35,7 @@ use super::rows::{Columns, clamp, corrupt, device, outbox_item, stored_event};
 use super::{Applied, Device, DeviceQuery, OutboxItem, Store, StoreError, Summary, TOMBSTONE};
 use crate::clock::Timestamp;
 use crate::credentials::CredentialHash;
+use crate::deadline::{self, Deadlines};
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::registration::{self, NewDevices};
@@ -54,6 +55,25 @@ pub const OUTBOX_CHANNEL: &str = "fleetwatch_outbox";
 /// its read and its write. Each round can only lose devices that were new when read,
 /// and a device exists for good once inserted, so a second round always settles.
 const DECIDE_ROUNDS: usize = 3;
+
+/// A device's `offline_after` as an SQL interval, by the rules of
+/// [`crate::deadline::Deadlines`]: its own setting, else its interval times the missed
+/// beats, else the default (each the SQL expression given, in milliseconds).
+macro_rules! offline_after {
+    ($own:literal, $interval:literal, $missed:literal, $default:literal) => {
+        concat!(
+            "coalesce(",
+            $own,
+            ", ",
+            $interval,
+            " * ",
+            $missed,
+            "::bigint, ",
+            $default,
+            "::bigint) * interval '1 millisecond'"
+        )
+    };
+}
 
 /// Connection settings of the PostgreSQL store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,18 +97,56 @@ impl Default for PgSettings {
 
 pub struct PgStore {
     pool: PgPool,
+    deadlines: Deadlines,
 }
 
 impl PgStore {
     /// Connects to the database `url` names (`postgres://…`) and runs the migrations
-    /// (several hubs starting at once are serialised by sqlx's migration lock).
+    /// (several hubs starting at once are serialised by sqlx's migration lock), with
+    /// the default [`Deadlines`].
     pub async fn connect(url: &str, settings: PgSettings) -> Result<Self, StoreError> {
+        Self::open(url, settings, Deadlines::default()).await
+    }
+
+    /// Connects as [`Self::connect`] does, and brings every stored deadline in line
+    /// with `deadlines`. Hubs sharing a database must share `heartbeat.offline_after`
+    /// and `heartbeat.missed_beats`; the last one started sets the stored deadlines.
+    pub async fn open(
+        url: &str,
+        settings: PgSettings,
+        deadlines: Deadlines,
+    ) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .connect_with(Self::options(url, settings)?)
             .await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        let store = Self { pool, deadlines };
+        store.reschedule().await?;
+        Ok(store)
+    }
+
+    /// Rewrites the deadlines that differ from what `self.deadlines` makes of them:
+    /// one scan, writing (and locking) only what changed.
+    async fn reschedule(&self) -> Result<(), StoreError> {
+        let moved = sqlx::query(concat!(
+            "UPDATE devices SET deadline_at = last_seen_at + ",
+            offline_after!("offline_after_ms", "interval_ms", "$1", "$2"),
+            " WHERE last_seen_at IS NOT NULL AND deadline_at IS DISTINCT FROM last_seen_at + ",
+            offline_after!("offline_after_ms", "interval_ms", "$1", "$2")
+        ))
+        .bind(self.deadlines.missed_beats_i64())
+        .bind(self.deadlines.default_ms())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if moved > 0 {
+            tracing::info!(
+                devices = moved,
+                "deadlines moved to the configured offline_after"
+            );
+        }
+        Ok(())
     }
 
     /// The connection options the hub uses for `url` (public so the benchmarks can
@@ -138,6 +196,7 @@ struct Fields {
     device_time: Vec<Option<DateTime<Utc>>>,
     skew: Vec<Option<i64>>,
     error: Vec<Option<String>>,
+    interval: Vec<Option<i64>>,
     uptime: Vec<Option<i64>>,
     memory: Vec<Option<i64>>,
     firmware: Vec<Option<String>>,
@@ -162,6 +221,7 @@ impl Fields {
         self.device_time.push(times(update.device_time));
         self.skew.push(update.clock_skew_ms);
         self.error.push(error.map(str::to_string));
+        self.interval.push(update.interval.map(deadline::millis));
         self.uptime.push(clamp(report.uptime_seconds));
         self.memory.push(clamp(report.free_memory));
         self.firmware.push(report.firmware_version.clone());
@@ -173,7 +233,7 @@ impl Fields {
         Ok(())
     }
 
-    /// Binds the eleven arrays as `$1..$11` of [`unnest_fields!`].
+    /// Binds the twelve arrays as `$1..$12` of [`unnest_fields!`].
     fn bind<'q>(
         self,
         query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
@@ -184,6 +244,7 @@ impl Fields {
             .bind(self.device_time)
             .bind(self.skew)
             .bind(self.error)
+            .bind(self.interval)
             .bind(self.uptime)
             .bind(self.memory)
             .bind(self.firmware)
@@ -193,16 +254,16 @@ impl Fields {
     }
 }
 
-/// The arrays [`Fields::bind`] binds as `$1..$11`, unpacked into named columns of `v`,
+/// The arrays [`Fields::bind`] binds as `$1..$12`, unpacked into named columns of `v`,
 /// followed by any further `array => column` pairs a statement binds after them.
 macro_rules! unnest_fields {
     ($($array:literal => $column:literal),*) => {
         concat!(
             "UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[], $4::bigint[], \
-             $5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[], \
-             $11::text[]", $(", ", $array,)* ") \
-             AS v(device_id, seen, device_time, skew, error, uptime, memory, firmware, \
-                  hostname, os_info, metrics", $(", ", $column,)* ")"
+             $5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], \
+             $11::text[], $12::text[]", $(", ", $array,)* ") \
+             AS v(device_id, seen, device_time, skew, error, interval_ms, uptime, memory, \
+                  firmware, hostname, os_info, metrics", $(", ", $column,)* ")"
         )
     };
 }
@@ -216,6 +277,7 @@ macro_rules! set_fields {
          device_time = coalesce(v.device_time, devices.device_time), \
          clock_skew_ms = coalesce(v.skew, devices.clock_skew_ms), \
          error = v.error, \
+         interval_ms = coalesce(v.interval_ms, devices.interval_ms), \
          uptime_seconds = coalesce(v.uptime, devices.uptime_seconds), \
          free_memory = coalesce(v.memory, devices.free_memory), \
          firmware_version = coalesce(v.firmware, devices.firmware_version), \
@@ -234,8 +296,9 @@ macro_rules! event_columns {
 macro_rules! device_columns {
     () => {
         "device_id, status, last_seen_at, first_seen_at, status_changed_at, registered_at, \
-         device_time, clock_skew_ms, error, uptime_seconds, free_memory, firmware_version, \
-         hostname, os_info::text AS os_info, metrics::text AS metrics"
+         device_time, clock_skew_ms, error, offline_after_ms, interval_ms, deadline_at, \
+         uptime_seconds, free_memory, firmware_version, hostname, os_info::text AS os_info, \
+         metrics::text AS metrics"
     };
 }
 
@@ -247,11 +310,20 @@ mod notifications;
 /// still the expected one (PostgreSQL re-checks it on the newest version of a row
 /// another writer changed meanwhile). Returns the ids it could not refresh (the stored
 /// status differs, or the device is unknown): they take the full path.
+/// The deadline is computed in the write from the stored setting and interval, with
+/// the missed beats and default offline_after as `$14` and `$15`.
 const REFRESH_STEADY: &str = concat!(
     "UPDATE devices SET ",
     set_fields!(),
+    ", deadline_at = greatest(v.seen, devices.last_seen_at) + ",
+    offline_after!(
+        "devices.offline_after_ms",
+        "coalesce(v.interval_ms, devices.interval_ms)",
+        "$14",
+        "$15"
+    ),
     " FROM ",
-    unnest_fields!("$12::text[]" => "status"),
+    unnest_fields!("$13::text[]" => "status"),
     " WHERE devices.device_id = v.device_id AND devices.status = v.status \
      RETURNING devices.device_id"
 );
@@ -259,10 +331,15 @@ const REFRESH_STEADY: &str = concat!(
 /// Writes decided rows of devices that existed when read (and are locked since).
 const UPDATE_DECIDED: &str = concat!(
     "UPDATE devices SET status = v.status, status_changed_at = v.changed, \
-         first_seen_at = coalesce(devices.first_seen_at, v.seen), ",
+         first_seen_at = coalesce(devices.first_seen_at, v.seen), \
+         deadline_at = coalesce(v.deadline, devices.deadline_at), ",
     set_fields!(),
     " FROM ",
-    unnest_fields!("$12::text[]" => "status", "$13::timestamptz[]" => "changed"),
+    unnest_fields!(
+        "$13::text[]" => "status",
+        "$14::timestamptz[]" => "changed",
+        "$15::timestamptz[]" => "deadline"
+    ),
     " WHERE devices.device_id = v.device_id"
 );
 
@@ -270,16 +347,22 @@ const UPDATE_DECIDED: &str = concat!(
 /// writer inserted them meanwhile; returns the ids inserted.
 const INSERT_DECIDED: &str = concat!(
     "INSERT INTO devices (device_id, status, last_seen_at, first_seen_at, \
-         status_changed_at, registered_at, device_time, clock_skew_ms, error, \
-         uptime_seconds, free_memory, firmware_version, hostname, os_info, metrics) \
+         status_changed_at, registered_at, device_time, clock_skew_ms, error, interval_ms, \
+         deadline_at, uptime_seconds, free_memory, firmware_version, hostname, os_info, \
+         metrics) \
      SELECT v.device_id, v.status, v.seen, v.seen, v.changed, v.changed, v.device_time, \
-         v.skew, v.error, v.uptime, v.memory, v.firmware, v.hostname, v.os_info::jsonb, \
-         v.metrics::jsonb FROM ",
-    unnest_fields!("$12::text[]" => "status", "$13::timestamptz[]" => "changed"),
+         v.skew, v.error, v.interval_ms, v.deadline, v.uptime, v.memory, v.firmware, \
+         v.hostname, v.os_info::jsonb, v.metrics::jsonb FROM ",
+    unnest_fields!(
+        "$13::text[]" => "status",
+        "$14::timestamptz[]" => "changed",
+        "$15::timestamptz[]" => "deadline"
+    ),
     " ON CONFLICT (device_id) DO NOTHING RETURNING device_id"
 );
 
-const SELECT_CURRENT: &str = "SELECT device_id, status, last_seen_at, status_changed_at, error \
+const SELECT_CURRENT: &str = "SELECT device_id, status, last_seen_at, status_changed_at, error, \
+         offline_after_ms, interval_ms \
      FROM devices WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE";
 
 const INSERT_EVENTS: &str = "INSERT INTO status_events (event_id, device_id, status, \
@@ -294,6 +377,7 @@ const INSERT_EVENTS: &str = "INSERT INTO status_events (event_id, device_id, sta
 async fn refresh_steady(
     tx: &mut PgConnection,
     refreshes: &[Refresh<'_>],
+    deadlines: &Deadlines,
 ) -> Result<HashSet<String>, StoreError> {
     if refreshes.is_empty() {
         return Ok(HashSet::new());
@@ -307,6 +391,8 @@ async fn refresh_steady(
     let refreshed = fields
         .bind(sqlx::query(REFRESH_STEADY))
         .bind(expected)
+        .bind(deadlines.missed_beats_i64())
+        .bind(deadlines.default_ms())
         .fetch_all(&mut *tx)
         .await?;
     not_returned(
@@ -335,6 +421,8 @@ async fn read_current(
                 last_seen_at: row.time("last_seen_at")?,
                 status_changed_at: row.required_time("status_changed_at")?,
                 error: row.text("error")?,
+                offline_after: row.int("offline_after_ms")?.map(deadline::from_millis),
+                interval: row.int("interval_ms")?.map(deadline::from_millis),
             },
         );
     }
@@ -364,12 +452,18 @@ fn decided<'q>(
     let mut fields = Fields::with_capacity(rows.len());
     let mut statuses = Vec::with_capacity(rows.len());
     let mut changed = Vec::with_capacity(rows.len());
+    let mut deadline = Vec::with_capacity(rows.len());
     for row in rows {
         fields.push(row.update, row.error)?;
         statuses.push(row.status.as_str());
         changed.push(time(row.status_changed_at));
+        deadline.push(times(row.deadline_at));
     }
-    Ok(fields.bind(sqlx::query(sql)).bind(statuses).bind(changed))
+    Ok(fields
+        .bind(sqlx::query(sql))
+        .bind(statuses)
+        .bind(changed)
+        .bind(deadline))
 }
 
 /// Writes decided rows: updates those whose devices were read (and locked), inserts
@@ -469,7 +563,7 @@ impl Store for PgStore {
         updates.sort_unstable_by(|a, b| a.device.as_str().cmp(b.device.as_str()));
         let mut tx = self.pool.begin().await?;
         let steady: Vec<Refresh<'_>> = updates.iter().filter_map(|u| rules::steady(u)).collect();
-        let missed = refresh_steady(&mut tx, &steady).await?;
+        let missed = refresh_steady(&mut tx, &steady, &self.deadlines).await?;
         let mut pending: Vec<&DeviceUpdate> = updates
             .into_iter()
             .filter(|u| rules::steady(u).is_none() || missed.contains(u.device.as_str()))
@@ -487,7 +581,8 @@ impl Store for PgStore {
                 _ => 0,
             };
             let refused = registration::admit(newcomers, stored, new);
-            let Decision { rows, mut events } = rules::decide(&pending, &current, &refused);
+            let Decision { rows, mut events } =
+                rules::decide(&pending, &current, &refused, &self.deadlines);
             let lost = write_decided(&mut tx, &rows, &current).await?;
             events.retain(|e| !lost.contains(e.device_id.as_str()));
             applied.events.extend(events);
@@ -507,17 +602,21 @@ impl Store for PgStore {
 
     async fn mark_offline(
         &self,
-        cutoff: Timestamp,
         now: Timestamp,
+        heard_since: Timestamp,
     ) -> Result<Vec<StatusEvent>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut events = Vec::new();
-        // One statement per watched status, so each knows the status it replaces.
+        // One statement per watched status, so each knows the status it replaces. The
+        // range is the (status, deadline_at) index's; the grace condition (the
+        // device's offline_after has passed since the hub could hear it) only filters
+        // what the range found.
         for (from, transition) in rules::timeouts() {
             let rows = sqlx::query(
                 "UPDATE devices SET status = $1, status_changed_at = $2 \
                  FROM (SELECT device_id FROM devices \
-                       WHERE status = $3 AND last_seen_at < $4 \
+                       WHERE status = $3 AND deadline_at < $2 \
+                           AND deadline_at - last_seen_at < $2 - $4 \
                        FOR UPDATE SKIP LOCKED) AS due \
                  WHERE devices.device_id = due.device_id \
                  RETURNING devices.device_id, devices.last_seen_at",
@@ -525,7 +624,7 @@ impl Store for PgStore {
             .bind(transition.to.as_str())
             .bind(time(now))
             .bind(from.as_str())
-            .bind(time(cutoff))
+            .bind(time(heard_since))
             .fetch_all(&mut *tx)
             .await?;
             for row in rows {
@@ -540,6 +639,29 @@ impl Store for PgStore {
         insert_events(&mut tx, &events).await?;
         tx.commit().await?;
         Ok(events)
+    }
+
+    async fn set_offline_after(
+        &self,
+        id: &DeviceId,
+        offline_after: Option<Duration>,
+    ) -> Result<Device, StoreError> {
+        sqlx::query(concat!(
+            "UPDATE devices SET offline_after_ms = $2::bigint, deadline_at = last_seen_at + ",
+            offline_after!("$2::bigint", "interval_ms", "$3", "$4"),
+            " WHERE device_id = $1 RETURNING ",
+            device_columns!()
+        ))
+        .bind(id.as_str())
+        .bind(offline_after.map(deadline::millis))
+        .bind(self.deadlines.missed_beats_i64())
+        .bind(self.deadlines.default_ms())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(device)
+        .transpose()?
+        .ok_or_else(|| StoreError::NotFound(id.clone()))
     }
 
     async fn register(
@@ -892,10 +1014,61 @@ mod tests {
 
     async fn store() -> (PgStore, ScratchDatabase) {
         let db = ScratchDatabase::create().await;
-        let store = PgStore::connect(&db.url, PgSettings::default())
-            .await
-            .expect("open store");
+        let store = PgStore::open(
+            &db.url,
+            PgSettings::default(),
+            crate::storage::conformance::DEADLINES,
+        )
+        .await
+        .expect("open store");
         (store, db)
+    }
+
+    /// A changed `heartbeat.offline_after` applies, at the next start, to devices
+    /// already waiting; a device's own setting still comes first.
+    #[tokio::test]
+    async fn reopening_with_another_default_moves_the_deadlines_that_follow_it() {
+        let (store, db) = store().await;
+        let mut batch = crate::update::Batch::default();
+        for name in ["plain", "own"] {
+            batch.add_heartbeat(
+                DeviceId::parse(name).expect("id"),
+                Timestamp::from_unix_millis(1_000),
+                crate::update::Heartbeat {
+                    healthy: true,
+                    ..Default::default()
+                },
+            );
+        }
+        store
+            .apply(&batch.take(), NewDevices::UNLIMITED)
+            .await
+            .expect("apply");
+        let own = DeviceId::parse("own").expect("id");
+        store
+            .set_offline_after(&own, Some(Duration::from_secs(5)))
+            .await
+            .expect("set");
+        let reopened = PgStore::open(
+            &db.url,
+            PgSettings::default(),
+            Deadlines {
+                default: Duration::from_secs(60),
+                missed_beats: 3,
+            },
+        )
+        .await
+        .expect("reopen");
+        let deadline = |d: Option<Device>| d.expect("exists").deadline_at;
+        let plain = DeviceId::parse("plain").expect("id");
+        assert_eq!(
+            deadline(reopened.device(&plain).await.expect("read")),
+            Some(Timestamp::from_unix_millis(61_000))
+        );
+        assert_eq!(
+            deadline(reopened.device(&own).await.expect("read")),
+            Some(Timestamp::from_unix_millis(6_000))
+        );
     }
 
     crate::storage::conformance::store_conformance!(store().await);

@@ -30,12 +30,32 @@ use super::rows::{Columns, clamp, corrupt, device, outbox_item, stored_event};
 use super::{Applied, Device, DeviceQuery, OutboxItem, Store, StoreError, Summary, TOMBSTONE};
 use crate::clock::Timestamp;
 use crate::credentials::CredentialHash;
+use crate::deadline::{self, Deadlines};
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::registration::{self, NewDevices};
 use crate::rules::{self, Current, Decision, Refresh};
 use crate::status::{self, Signal, Status};
 use crate::update::{DeviceUpdate, Report};
+
+/// A device's `offline_after` in milliseconds, by the rules of
+/// [`crate::deadline::Deadlines`], in SQL: its own setting, else its interval times
+/// the missed beats, else the default (each the SQL expression given).
+macro_rules! offline_after {
+    ($own:literal, $interval:literal, $missed:literal, $default:literal) => {
+        concat!(
+            "coalesce(",
+            $own,
+            ", ",
+            $interval,
+            " * ",
+            $missed,
+            ", ",
+            $default,
+            ")"
+        )
+    };
+}
 
 /// How long a writer waits for another to finish before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,19 +66,54 @@ const PAGE_CACHE: &str = "-65536";
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    deadlines: Deadlines,
 }
 
 impl SqliteStore {
     /// Opens (creating if missing) the database `url` names, `sqlite://PATH` or
-    /// `sqlite:PATH`, and runs the migrations.
+    /// `sqlite:PATH`, and runs the migrations, with the default [`Deadlines`].
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::open(url, Deadlines::default()).await
+    }
+
+    /// Opens the database as [`Self::connect`] does, and brings every stored deadline
+    /// in line with `deadlines` (a changed `heartbeat.offline_after` applies to the
+    /// devices already waiting).
+    pub async fn open(url: &str, deadlines: Deadlines) -> Result<Self, StoreError> {
         let options = Self::options(url)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        let store = Self { pool, deadlines };
+        store.reschedule().await?;
+        Ok(store)
+    }
+
+    /// Rewrites the deadlines that differ from what `self.deadlines` makes of them:
+    /// one scan, writing only what changed.
+    async fn reschedule(&self) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        let moved = sqlx::query(concat!(
+            "UPDATE devices SET deadline_at = last_seen_at + ",
+            offline_after!("offline_after_ms", "interval_ms", "?1", "?2"),
+            " WHERE last_seen_at IS NOT NULL AND deadline_at IS NOT last_seen_at + ",
+            offline_after!("offline_after_ms", "interval_ms", "?1", "?2")
+        ))
+        .bind(self.deadlines.missed_beats_i64())
+        .bind(self.deadlines.default_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        if moved > 0 {
+            tracing::info!(
+                devices = moved,
+                "deadlines moved to the configured offline_after"
+            );
+        }
+        Ok(())
     }
 
     /// The connection settings the hub uses for `url`: WAL, `synchronous=NORMAL`, a busy
@@ -193,11 +248,13 @@ impl ReportColumns {
     }
 }
 
-const SELECT_CURRENT: &str = "SELECT device_id, status, last_seen_at, status_changed_at, error \
+const SELECT_CURRENT: &str = "SELECT device_id, status, last_seen_at, status_changed_at, error, \
+     offline_after_ms, interval_ms \
      FROM devices WHERE device_id IN (SELECT value FROM json_each(?1))";
 
 const INSERT_DEVICES: &str = "INSERT INTO devices (device_id, status, last_seen_at, \
      first_seen_at, status_changed_at, registered_at, device_time, clock_skew_ms, error, \
+     interval_ms, deadline_at, \
      uptime_seconds, free_memory, firmware_version, hostname, os_info, metrics) ";
 
 const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
@@ -208,6 +265,8 @@ const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
          device_time = coalesce(excluded.device_time, devices.device_time), \
          clock_skew_ms = coalesce(excluded.clock_skew_ms, devices.clock_skew_ms), \
          error = excluded.error, \
+         interval_ms = coalesce(excluded.interval_ms, devices.interval_ms), \
+         deadline_at = coalesce(excluded.deadline_at, devices.deadline_at), \
          uptime_seconds = coalesce(excluded.uptime_seconds, devices.uptime_seconds), \
          free_memory = coalesce(excluded.free_memory, devices.free_memory), \
          firmware_version = coalesce(excluded.firmware_version, devices.firmware_version), \
@@ -215,20 +274,25 @@ const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
          os_info = coalesce(excluded.os_info, devices.os_info), \
          metrics = coalesce(excluded.metrics, devices.metrics)";
 
-/// `column1..column12` of the VALUES list: id, status, seen, device_time,
-/// clock_skew_ms, error, then the six report columns.
+/// `column1..column13` of the VALUES list: id, status, seen, device_time,
+/// clock_skew_ms, error, interval, then the six report columns. The deadline comes
+/// last, [`offline_after!`] spelled out because its two parameters (missed beats,
+/// default offline_after) are bound here, in text order before the VALUES, by
+/// [`refresh_steady`].
 const REFRESH_STEADY: &str = "UPDATE devices SET \
          last_seen_at = coalesce(v.column3, devices.last_seen_at), \
          device_time = coalesce(v.column4, devices.device_time), \
          clock_skew_ms = coalesce(v.column5, devices.clock_skew_ms), \
          error = v.column6, \
-         uptime_seconds = coalesce(v.column7, devices.uptime_seconds), \
-         free_memory = coalesce(v.column8, devices.free_memory), \
-         firmware_version = coalesce(v.column9, devices.firmware_version), \
-         hostname = coalesce(v.column10, devices.hostname), \
-         os_info = coalesce(v.column11, devices.os_info), \
-         metrics = coalesce(v.column12, devices.metrics) \
-     FROM (";
+         interval_ms = coalesce(v.column7, devices.interval_ms), \
+         uptime_seconds = coalesce(v.column8, devices.uptime_seconds), \
+         free_memory = coalesce(v.column9, devices.free_memory), \
+         firmware_version = coalesce(v.column10, devices.firmware_version), \
+         hostname = coalesce(v.column11, devices.hostname), \
+         os_info = coalesce(v.column12, devices.os_info), \
+         metrics = coalesce(v.column13, devices.metrics), \
+         deadline_at = coalesce(v.column3, devices.last_seen_at) + coalesce(\
+             devices.offline_after_ms, coalesce(v.column7, devices.interval_ms) * ";
 
 const REFRESH_STEADY_WHERE: &str = ") AS v \
      WHERE devices.device_id = v.column1 AND devices.status = v.column2";
@@ -249,12 +313,12 @@ mod notifications;
 macro_rules! device_columns {
     () => {
         "device_id, status, last_seen_at, first_seen_at, status_changed_at, registered_at, \
-         device_time, clock_skew_ms, error, uptime_seconds, free_memory, firmware_version, \
-         hostname, os_info, metrics"
+         device_time, clock_skew_ms, error, offline_after_ms, interval_ms, deadline_at, \
+         uptime_seconds, free_memory, firmware_version, hostname, os_info, metrics"
     };
 }
 
-/// Largest chunk of rows per statement: 1024 rows of 14 columns stay well under
+/// Largest chunk of rows per statement: 1024 rows of 17 columns stay well under
 /// SQLite's 32,766 bound parameters.
 const MAX_CHUNK: usize = 1024;
 
@@ -297,7 +361,9 @@ async fn upsert_devices(tx: &mut WriteTx, rows: &[rules::Row<'_>]) -> Result<(),
                 .push_bind(changed)
                 .push_bind(row.update.device_time.map(Timestamp::unix_millis))
                 .push_bind(row.update.clock_skew_ms)
-                .push_bind(row.error.map(str::to_string));
+                .push_bind(row.error.map(str::to_string))
+                .push_bind(row.update.interval.map(deadline::millis))
+                .push_bind(row.deadline_at.map(Timestamp::unix_millis));
             report.bind(&mut values);
         });
         query.push(ON_CONFLICT_UPDATE);
@@ -315,6 +381,7 @@ async fn upsert_devices(tx: &mut WriteTx, rows: &[rules::Row<'_>]) -> Result<(),
 async fn refresh_steady(
     tx: &mut WriteTx,
     refreshes: &[Refresh<'_>],
+    deadlines: &Deadlines,
 ) -> Result<std::collections::HashSet<String>, StoreError> {
     let mut missed = std::collections::HashSet::new();
     for chunk in chunks(refreshes) {
@@ -323,6 +390,12 @@ async fn refresh_steady(
             .map(|refresh| ReportColumns::new(&refresh.update.report))
             .collect::<Result<Vec<_>, _>>()?;
         let mut query = QueryBuilder::<Sqlite>::new(REFRESH_STEADY);
+        // The deadline's two parameters, in text order: before the VALUES.
+        query
+            .push_bind(deadlines.missed_beats_i64())
+            .push(", ")
+            .push_bind(deadlines.default_ms())
+            .push(") FROM (");
         query.push_values(
             chunk.iter().zip(reports),
             |mut values, (refresh, report)| {
@@ -333,7 +406,8 @@ async fn refresh_steady(
                     .push_bind(update.last_seen.map(Timestamp::unix_millis))
                     .push_bind(update.device_time.map(Timestamp::unix_millis))
                     .push_bind(update.clock_skew_ms)
-                    .push_bind(refresh.error.map(str::to_string));
+                    .push_bind(refresh.error.map(str::to_string))
+                    .push_bind(update.interval.map(deadline::millis));
                 report.bind(&mut values);
             },
         );
@@ -379,6 +453,8 @@ async fn read_current(
                 last_seen_at: row.time("last_seen_at")?,
                 status_changed_at: row.required_time("status_changed_at")?,
                 error: row.try_get("error")?,
+                offline_after: row.int("offline_after_ms")?.map(deadline::from_millis),
+                interval: row.int("interval_ms")?.map(deadline::from_millis),
             },
         );
     }
@@ -428,7 +504,7 @@ impl Store for SqliteStore {
         // Most of a flush is devices that keep their status: refresh those in place,
         // then read, decide and write only the rest.
         let steady: Vec<Refresh<'_>> = updates.iter().filter_map(rules::steady).collect();
-        let missed = refresh_steady(&mut tx, &steady).await?;
+        let missed = refresh_steady(&mut tx, &steady, &self.deadlines).await?;
         let updates: Vec<&DeviceUpdate> = updates
             .iter()
             .filter(|u| rules::steady(u).is_none() || missed.contains(u.device.as_str()))
@@ -446,7 +522,8 @@ impl Store for SqliteStore {
             _ => 0,
         };
         let refused = registration::admit(newcomers, stored, new);
-        let Decision { rows, events } = rules::decide(&updates, &current, &refused);
+        let Decision { rows, events } =
+            rules::decide(&updates, &current, &refused, &self.deadlines);
         upsert_devices(&mut tx, &rows).await?;
         insert_events(&mut tx, &events).await?;
         tx.commit().await?;
@@ -458,22 +535,26 @@ impl Store for SqliteStore {
 
     async fn mark_offline(
         &self,
-        cutoff: Timestamp,
         now: Timestamp,
+        heard_since: Timestamp,
     ) -> Result<Vec<StatusEvent>, StoreError> {
         let mut tx = self.write().await?;
         let mut events = Vec::new();
-        // One statement per watched status, so each knows the status it replaces.
+        // One statement per watched status, so each knows the status it replaces. The
+        // range is the (status, deadline_at) index's; the grace condition (the
+        // device's offline_after has passed since the hub could hear it) only filters
+        // what the range found.
         for (from, transition) in rules::timeouts() {
             let rows = sqlx::query(
                 "UPDATE devices SET status = ?1, status_changed_at = ?2 \
-                 WHERE status = ?3 AND last_seen_at < ?4 \
+                 WHERE status = ?3 AND deadline_at < ?2 \
+                     AND deadline_at - last_seen_at < ?2 - ?4 \
                  RETURNING device_id, last_seen_at",
             )
             .bind(transition.to.as_str())
             .bind(now.unix_millis())
             .bind(from.as_str())
-            .bind(cutoff.unix_millis())
+            .bind(heard_since.unix_millis())
             .fetch_all(&mut *tx)
             .await?;
             for row in rows {
@@ -488,6 +569,42 @@ impl Store for SqliteStore {
         insert_events(&mut tx, &events).await?;
         tx.commit().await?;
         Ok(events)
+    }
+
+    async fn set_offline_after(
+        &self,
+        id: &DeviceId,
+        offline_after: Option<Duration>,
+    ) -> Result<Device, StoreError> {
+        let mut tx = self.write().await?;
+        let own = offline_after.map(deadline::millis);
+        let written = sqlx::query(concat!(
+            "UPDATE devices SET offline_after_ms = ?2, deadline_at = last_seen_at + ",
+            offline_after!("?2", "interval_ms", "?3", "?4"),
+            " WHERE device_id = ?1"
+        ))
+        .bind(id.as_str())
+        .bind(own)
+        .bind(self.deadlines.missed_beats_i64())
+        .bind(self.deadlines.default_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if written == 0 {
+            tx.rollback().await;
+            return Err(StoreError::NotFound(id.clone()));
+        }
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            device_columns!(),
+            " FROM devices WHERE device_id = ?1"
+        ))
+        .bind(id.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        let written = device(&row)?;
+        tx.commit().await?;
+        Ok(written)
     }
 
     async fn register(
@@ -792,7 +909,59 @@ mod tests {
     async fn store() -> (SqliteStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}", dir.path().join("test.db").display());
-        (SqliteStore::connect(&url).await.expect("open store"), dir)
+        let store = SqliteStore::open(&url, crate::storage::conformance::DEADLINES)
+            .await
+            .expect("open store");
+        (store, dir)
+    }
+
+    /// A changed `heartbeat.offline_after` applies, at the next start, to devices
+    /// already waiting; a device's own setting and its interval still come first.
+    #[tokio::test]
+    async fn reopening_with_another_default_moves_the_deadlines_that_follow_it() {
+        let (store, dir) = store().await;
+        let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(store);
+        let mut batch = crate::update::Batch::default();
+        for name in ["plain", "own"] {
+            batch.add_heartbeat(
+                DeviceId::parse(name).expect("id"),
+                Timestamp::from_unix_millis(1_000),
+                crate::update::Heartbeat {
+                    healthy: true,
+                    ..Default::default()
+                },
+            );
+        }
+        store
+            .apply(&batch.take(), NewDevices::UNLIMITED)
+            .await
+            .expect("apply");
+        let own = DeviceId::parse("own").expect("id");
+        store
+            .set_offline_after(&own, Some(Duration::from_secs(5)))
+            .await
+            .expect("set");
+        drop(store);
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        let reopened = SqliteStore::open(
+            &url,
+            Deadlines {
+                default: Duration::from_secs(60),
+                missed_beats: 3,
+            },
+        )
+        .await
+        .expect("reopen");
+        let deadline = |d: Option<Device>| d.expect("exists").deadline_at;
+        let plain = DeviceId::parse("plain").expect("id");
+        assert_eq!(
+            deadline(reopened.device(&plain).await.expect("read")),
+            Some(Timestamp::from_unix_millis(61_000))
+        );
+        assert_eq!(
+            deadline(reopened.device(&own).await.expect("read")),
+            Some(Timestamp::from_unix_millis(6_000))
+        );
     }
 
     crate::storage::conformance::store_conformance!(store().await);
