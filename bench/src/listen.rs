@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 /// An offline status event as it arrived.
 #[derive(Debug, Clone)]
 pub struct Offline {
+    pub device_id: String,
     /// Wall clock at arrival, Unix milliseconds.
     pub arrived_ms: i64,
     pub last_seen_ms: i64,
@@ -115,6 +116,7 @@ fn offline_event(payload: &[u8]) -> Option<Offline> {
         .ok()?
         .timestamp_millis();
     Some(Offline {
+        device_id: event.get("device_id")?.as_str()?.to_string(),
         arrived_ms,
         last_seen_ms,
     })

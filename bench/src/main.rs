@@ -8,6 +8,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod db;
+mod deadlines;
 mod listen;
 mod measure;
 mod notify;
@@ -25,13 +26,14 @@ use clap::Parser;
 
 use crate::report::Report;
 
-const MEASUREMENTS: [&str; 11] = [
+const MEASUREMENTS: [&str; 12] = [
     "ingest",
     "db",
     "pgdb",
     "coalescing",
     "lag",
     "storm",
+    "deadlines",
     "memory",
     "sustained",
     "notify",
@@ -47,7 +49,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Only these measurements, comma-separated: ingest, db, pgdb, coalescing, lag,
-    /// storm, memory, sustained, notify, outage, hubs.
+    /// storm, deadlines, memory, sustained, notify, outage, hubs.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The PostgreSQL server `pgdb` creates its databases on (and drops them after),
@@ -85,6 +87,11 @@ pub struct Scale {
     pub lag_offline_after: Duration,
     pub storm_devices: u64,
     pub storm_offline_after: Duration,
+    /// Per-device deadlines: the fleet, how long its offline events are watched, and
+    /// how long after writing it the first deadline begins (the hub must be up).
+    pub deadline_devices: u64,
+    pub deadline_window: Duration,
+    pub deadline_lead: Duration,
     pub memory_connections: Vec<u64>,
     pub sustained_devices: u64,
     pub sustained_interval: Duration,
@@ -115,6 +122,9 @@ impl Scale {
             lag_offline_after: Duration::from_secs(10),
             storm_devices: 10_000,
             storm_offline_after: Duration::from_secs(5),
+            deadline_devices: 1_000_000,
+            deadline_window: Duration::from_secs(120),
+            deadline_lead: Duration::from_secs(20),
             memory_connections: vec![1_000, 10_000],
             sustained_devices: 1_000_000,
             sustained_interval: Duration::from_secs(60),
@@ -142,6 +152,9 @@ impl Scale {
             lag_offline_after: Duration::from_secs(3),
             storm_devices: 2_000,
             storm_offline_after: Duration::from_secs(3),
+            deadline_devices: 50_000,
+            deadline_window: Duration::from_secs(20),
+            deadline_lead: Duration::from_secs(5),
             memory_connections: vec![200],
             sustained_devices: 20_000,
             sustained_interval: Duration::from_secs(2),
@@ -190,6 +203,7 @@ async fn main() -> Result<ExitCode> {
             "coalescing" => measure::coalescing(dir, scale, report).await,
             "lag" => measure::lag(dir, scale, report).await,
             "storm" => measure::storm(dir, scale, report).await,
+            "deadlines" => deadlines::deadlines(dir, scale, report).await,
             "memory" => measure::memory(dir, scale, report).await,
             "notify" => notify::storm(dir, scale, report).await,
             "outage" => notify::outage(dir, scale, report).await,
