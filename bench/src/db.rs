@@ -156,7 +156,7 @@ async fn bare_round(pool: &SqlitePool, ids: &[String], batch: usize, round: u64)
             let mut query = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO devices (device_id, status, last_seen_at, first_seen_at, \
                  status_changed_at, registered_at, device_time, uptime_seconds, \
-                 free_memory, firmware_version, hostname) ",
+                 free_memory, firmware_version, hostname, deadline_at) ",
             );
             query.push_values(statement_ids, |mut row, id| {
                 at += 1;
@@ -170,11 +170,14 @@ async fn bare_round(pool: &SqlitePool, ids: &[String], batch: usize, round: u64)
                     .push_bind(uptime)
                     .push_bind(48_213_504i64)
                     .push_bind("1.4.2")
-                    .push_bind("sim");
+                    .push_bind("sim")
+                    // The deadline the hub writes beside last_seen_at (indexed).
+                    .push_bind(at + 180_000);
             });
             query.push(
                 " ON CONFLICT (device_id) DO UPDATE SET \
                  last_seen_at = excluded.last_seen_at, \
+                 deadline_at = excluded.deadline_at, \
                  device_time = excluded.device_time, \
                  uptime_seconds = excluded.uptime_seconds, \
                  free_memory = excluded.free_memory, \

@@ -65,17 +65,20 @@ pub struct PgFigures {
 }
 
 /// The bare loop's statement: the columns and values the hub's steady refresh
-/// writes (its `error` is NULL: the heartbeats are healthy), plain `excluded` values.
+/// writes (its `error` is NULL: the heartbeats are healthy; its deadline the default
+/// offline_after past last_seen_at), plain `excluded` values.
 const BARE_UPSERT: &str = "INSERT INTO devices (device_id, status, last_seen_at, \
          first_seen_at, status_changed_at, registered_at, device_time, clock_skew_ms, \
-         error, uptime_seconds, free_memory, firmware_version, hostname) \
+         error, uptime_seconds, free_memory, firmware_version, hostname, deadline_at) \
      SELECT v.device_id, 'online', v.seen, v.seen, v.seen, v.seen, v.device_time, v.skew, \
-         v.error, v.uptime, v.memory, v.firmware, v.hostname \
+         v.error, v.uptime, v.memory, v.firmware, v.hostname, \
+         v.seen + interval '180 seconds' \
      FROM UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[], $4::bigint[], \
                  $5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::text[]) \
          AS v(device_id, seen, device_time, skew, error, uptime, memory, firmware, hostname) \
      ON CONFLICT (device_id) DO UPDATE SET \
          last_seen_at = excluded.last_seen_at, \
+         deadline_at = excluded.deadline_at, \
          device_time = excluded.device_time, \
          clock_skew_ms = excluded.clock_skew_ms, \
          error = excluded.error, \
