@@ -100,7 +100,7 @@ impl Application {
             storage::connect_all(&settings.database, settings.heartbeat.deadlines()).await?;
         let sinks = Sinks::new(
             settings.sinks()?,
-            stores.clone(),
+            Arc::clone(&stores.notifications),
             clock.clone(),
             Pacing {
                 retry_max: settings.notify.retry_max,

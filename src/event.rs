@@ -19,10 +19,16 @@ pub struct StatusEvent {
     pub reason: Reason,
     pub last_seen_at: Option<Timestamp>,
     pub changed_at: Timestamp,
+    /// For a transition to `error`: the device's error text as of the change. Kept with
+    /// the event because the device's row moves on (a quick recovery clears it) before
+    /// a sink or a subscriber reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 1024)]
+    pub error: Option<String>,
 }
 
 impl StatusEvent {
-    /// A new event for `transition`, with a fresh time-ordered id.
+    /// A new event for `transition`, with a fresh time-ordered id and no error text.
     pub fn new(
         device_id: DeviceId,
         transition: Transition,
@@ -37,6 +43,7 @@ impl StatusEvent {
             reason: transition.reason,
             last_seen_at,
             changed_at,
+            error: None,
         }
     }
 
@@ -69,6 +76,7 @@ mod tests {
             reason: Reason::HeartbeatTimeout,
             last_seen_at: Some(Timestamp::parse_rfc3339("2026-11-22T10:00:00Z").expect("ts")),
             changed_at: Timestamp::parse_rfc3339("2026-11-22T10:03:00Z").expect("ts"),
+            error: None,
         };
         let json: serde_json::Value = serde_json::from_slice(&event.to_json()).expect("json");
         assert_eq!(
@@ -81,6 +89,36 @@ mod tests {
                 "reason": "heartbeat_timeout",
                 "last_seen_at": "2026-11-22T10:00:00.000Z",
                 "changed_at": "2026-11-22T10:03:00.000Z"
+            })
+        );
+        let back: StatusEvent = serde_json::from_value(json).expect("parses back");
+        assert_eq!(back, event);
+    }
+
+    #[test]
+    fn an_error_event_carries_its_text_and_others_leave_the_field_out() {
+        let event = StatusEvent {
+            event_id: Uuid::nil(),
+            device_id: DeviceId::parse("pump-7").expect("valid"),
+            status: Status::Error,
+            previous_status: Some(Status::Online),
+            reason: Reason::DeviceError,
+            last_seen_at: Some(Timestamp::parse_rfc3339("2026-11-22T10:00:00Z").expect("ts")),
+            changed_at: Timestamp::parse_rfc3339("2026-11-22T10:00:00Z").expect("ts"),
+            error: Some("disk full".into()),
+        };
+        let json: serde_json::Value = serde_json::from_slice(&event.to_json()).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "event_id": "00000000-0000-0000-0000-000000000000",
+                "device_id": "pump-7",
+                "status": "error",
+                "previous_status": "online",
+                "reason": "device_error",
+                "last_seen_at": "2026-11-22T10:00:00.000Z",
+                "changed_at": "2026-11-22T10:00:00.000Z",
+                "error": "disk full"
             })
         );
         let back: StatusEvent = serde_json::from_value(json).expect("parses back");

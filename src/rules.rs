@@ -158,12 +158,12 @@ pub fn decide<'a>(
                     .last_heartbeat
                     .or_else(|| stored.and_then(|c| c.last_seen_at)),
             };
-            events.push(StatusEvent::new(
-                update.device.clone(),
-                transition,
-                last_seen,
-                step.at,
-            ));
+            let mut event = StatusEvent::new(update.device.clone(), transition, last_seen, step.at);
+            // The text the row holds at the end of this step, whatever later steps do.
+            if transition.to == Status::Error {
+                event.error.clone_from(&step.error);
+            }
+            events.push(event);
             status = Some(transition.to);
             changed = Some(step.at);
         }
@@ -400,6 +400,7 @@ mod tests {
                 signal: Signal::Heartbeat { healthy: false },
                 at: at(1_000),
                 last_heartbeat: Some(at(1_000)),
+                error: None,
             }],
             error: None,
             ..updates[0].clone()
@@ -435,6 +436,12 @@ mod tests {
                     at(2_100)
                 ),
             ]
+        );
+        let texts: Vec<_> = decision.events.iter().map(|e| e.error.as_deref()).collect();
+        assert_eq!(
+            texts,
+            vec![Some("disk full"), None],
+            "the error event keeps the text the recovery clears from the row"
         );
         assert_eq!(
             rows(&decision),

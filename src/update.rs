@@ -125,13 +125,17 @@ pub struct DeviceUpdate {
 }
 
 /// One run of identical signals.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     pub signal: Signal,
     /// When the first signal of the run arrived: the moment a transition happened.
     pub at: Timestamp,
     /// The latest heartbeat heard up to the end of this step in this batch, if any.
     pub last_heartbeat: Option<Timestamp>,
+    /// For a run of error heartbeats, the latest one's error text: what the device's
+    /// row holds at the end of the step, so the step's status event can carry it even
+    /// when a later step in the same batch clears it.
+    pub error: Option<String>,
 }
 
 impl DeviceUpdate {
@@ -142,6 +146,12 @@ impl DeviceUpdate {
         OVERHEAD
             + self.device.as_str().len()
             + self.steps.len() * std::mem::size_of::<Step>()
+            + self
+                .steps
+                .iter()
+                .filter_map(|s| s.error.as_ref())
+                .map(String::len)
+                .sum::<usize>()
             + self
                 .error
                 .as_ref()
@@ -163,7 +173,7 @@ impl DeviceUpdate {
         }
     }
 
-    fn push(&mut self, signal: Signal, at: Timestamp) {
+    fn push(&mut self, signal: Signal, at: Timestamp, error: Option<String>) {
         let last_heartbeat = match signal {
             Signal::Heartbeat { .. } => Some(at),
             _ => self.last_seen,
@@ -174,6 +184,7 @@ impl DeviceUpdate {
                 signal,
                 at,
                 last_heartbeat,
+                error,
             },
         );
     }
@@ -186,14 +197,15 @@ impl DeviceUpdate {
             interval,
             report,
         } = heartbeat;
-        self.push(Signal::Heartbeat { healthy }, at);
+        let error = if healthy { None } else { error };
+        self.push(Signal::Heartbeat { healthy }, at, error.clone());
         self.last_seen = Some(at);
         if let Some(device_time) = device_time {
             self.device_time = Some(device_time);
             self.clock_skew_ms = Some(device_time.millis_since(at));
         }
         self.interval = interval.or(self.interval);
-        self.error = Some(if healthy { None } else { error });
+        self.error = Some(error);
         self.report.merge(report);
     }
 }
@@ -205,6 +217,7 @@ fn append(steps: &mut Vec<Step>, step: Step) {
     match steps.last_mut() {
         Some(last) if last.signal == step.signal => {
             last.last_heartbeat = step.last_heartbeat.or(last.last_heartbeat);
+            last.error = step.error;
         }
         Some(last) if full => *last = step,
         _ => steps.push(step),
@@ -227,7 +240,9 @@ impl Batch {
     }
 
     pub fn add_connection_lost(&mut self, device: DeviceId, at: Timestamp) {
-        self.change(device, |update| update.push(Signal::ConnectionLost, at));
+        self.change(device, |update| {
+            update.push(Signal::ConnectionLost, at, None)
+        });
     }
 
     /// Folds one message into `device`'s update, keeping `bytes` current.
@@ -346,7 +361,8 @@ mod tests {
             vec![Step {
                 signal: OK,
                 at: at(10),
-                last_heartbeat: Some(at(30))
+                last_heartbeat: Some(at(30)),
+                error: None,
             }]
         );
         assert!(batch.is_empty());
@@ -379,6 +395,29 @@ mod tests {
             Some(None),
             "latest heartbeat was ok: clear the error"
         );
+        let texts: Vec<_> = update.steps.iter().map(|s| s.error.as_deref()).collect();
+        assert_eq!(
+            texts,
+            vec![None, Some("boom"), None, None],
+            "the error step keeps its text"
+        );
+    }
+
+    #[test]
+    fn a_run_of_error_heartbeats_keeps_the_latest_text() {
+        let mut batch = Batch::default();
+        batch.add_heartbeat(id("a"), at(10), beat(false));
+        let mut newer = beat(false);
+        newer.error = Some("fan stuck".into());
+        batch.add_heartbeat(id("a"), at(20), newer);
+        let update = batch.take().remove(0);
+        let steps: Vec<_> = update
+            .steps
+            .iter()
+            .map(|s| (s.signal, s.at, s.error.as_deref()))
+            .collect();
+        assert_eq!(steps, vec![(BAD, at(10), Some("fan stuck"))]);
+        assert_eq!(update.error, Some(Some("fan stuck".into())));
     }
 
     #[test]

@@ -31,9 +31,8 @@ use super::message::{Message, Notice};
 use super::target::Outcome;
 use crate::clock::{Clock, Timestamp};
 use crate::health::Outage;
-use crate::status::Status;
-use crate::storage::notifications::{NewNotification, Payload, Queued, Settled};
-use crate::storage::{Store, StoreError, Stores};
+use crate::storage::StoreError;
+use crate::storage::notifications::{NewNotification, NotificationStore, Payload, Queued, Settled};
 
 /// The first pause after a failed attempt; it doubles up to `notify.retry_max`.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
@@ -63,7 +62,8 @@ pub struct Pacing {
 /// The running sinks.
 pub struct Sinks {
     sinks: Vec<Arc<Sink>>,
-    stores: Stores,
+    /// The event log and the sinks' queues: a notice is made from the event alone.
+    store: Arc<dyn NotificationStore>,
     clock: Clock,
     pacing: Pacing,
     client: reqwest::Client,
@@ -135,13 +135,13 @@ impl Sinks {
     /// The configured sinks, with the run-time switches stored in the database.
     pub async fn new(
         specs: Vec<SinkSpec>,
-        stores: Stores,
+        store: Arc<dyn NotificationStore>,
         clock: Clock,
         pacing: Pacing,
     ) -> Result<Arc<Self>, StoreError> {
         let mut sinks = Vec::with_capacity(specs.len());
         for spec in specs {
-            let (_, switched) = stores.notifications.sink_state(&spec.name).await?;
+            let (_, switched) = store.sink_state(&spec.name).await?;
             sinks.push(Arc::new(Sink {
                 enabled: AtomicBool::new(switched.unwrap_or(spec.enabled)),
                 spec,
@@ -164,7 +164,7 @@ impl Sinks {
             .unwrap_or_default();
         Ok(Arc::new(Self {
             sinks,
-            stores,
+            store,
             clock,
             pacing,
             client,
@@ -215,11 +215,7 @@ impl Sinks {
     }
 
     async fn report(&self, sink: &Sink) -> Result<SinkReport, StoreError> {
-        let stats = self
-            .stores
-            .notifications
-            .queue_stats(&sink.spec.name)
-            .await?;
+        let stats = self.store.queue_stats(&sink.spec.name).await?;
         let now = self.clock.now();
         let (success_at, error) = sink
             .last
@@ -246,10 +242,7 @@ impl Sinks {
     /// hears transitions from then on; what it had queued before is still sent.
     pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<SinkReport, SinkError> {
         let sink = self.sink(name)?;
-        self.stores
-            .notifications
-            .set_sink_enabled(name, enabled, enabled)
-            .await?;
+        self.store.set_sink_enabled(name, enabled, enabled).await?;
         let was = sink.enabled.swap(enabled, Relaxed);
         if enabled && !was {
             sink.reload.store(true, Relaxed);
@@ -294,27 +287,19 @@ impl Sinks {
         limit: u32,
     ) -> Result<Vec<crate::storage::notifications::DeadLetter>, SinkError> {
         self.sink(name)?;
-        Ok(self
-            .stores
-            .notifications
-            .dead_letters(name, after_id, limit)
-            .await?)
+        Ok(self.store.dead_letters(name, after_id, limit).await?)
     }
 
     pub async fn retry_dead(&self, name: &str, id: Option<i64>) -> Result<u64, SinkError> {
         let sink = self.sink(name)?;
-        let retried = self
-            .stores
-            .notifications
-            .retry_dead(name, id, self.clock.now())
-            .await?;
+        let retried = self.store.retry_dead(name, id, self.clock.now()).await?;
         sink.wake.notify_one();
         Ok(retried)
     }
 
     pub async fn drop_dead(&self, name: &str, id: Option<i64>) -> Result<u64, SinkError> {
         self.sink(name)?;
-        Ok(self.stores.notifications.drop_dead(name, id).await?)
+        Ok(self.store.drop_dead(name, id).await?)
     }
 
     /// Prometheus lines per sink.
@@ -393,7 +378,7 @@ impl Sinks {
     /// One sink's loop.
     async fn deliver(self: Arc<Self>, sink: Arc<Sink>, stop: CancellationToken) {
         let name = sink.spec.name.clone();
-        let cursor = match self.stores.notifications.sink_state(&name).await {
+        let cursor = match self.store.sink_state(&name).await {
             Ok((cursor, _)) => cursor,
             Err(e) => {
                 tracing::error!(sink = %name, error = %e, "cannot read the sink's position; it stays idle");
@@ -477,8 +462,7 @@ impl Sinks {
         // the store.
         if run.queue.len() < IN_FLIGHT * 2 && std::mem::take(&mut run.due_in_store) {
             let due = self
-                .stores
-                .notifications
+                .store
                 .due(&sink.spec.name, self.clock.now(), &run.flying, DUE_PAGE)
                 .await?;
             // A full page: there may be more.
@@ -511,7 +495,7 @@ impl Sinks {
     /// Queues the transitions committed after `cursor` that the sink's filter matches;
     /// true if it queued any.
     async fn take_new(&self, sink: &Sink, cursor: &mut i64) -> Result<bool, StoreError> {
-        let store = &self.stores.notifications;
+        let store = &self.store;
         let name = &sink.spec.name;
         if sink.reload.swap(false, Relaxed) {
             *cursor = store.sink_state(name).await?.0;
@@ -554,26 +538,15 @@ impl Sinks {
     async fn notice(&self, stored: &crate::event::StoredEvent) -> Result<Notice, StoreError> {
         let event = &stored.event;
         let down_since = if is_recovery(event) {
-            self.stores
-                .notifications
+            self.store
                 .previous_change(&event.device_id, stored.seq)
                 .await?
-        } else {
-            None
-        };
-        let error = if event.status == Status::Error {
-            let devices: &Arc<dyn Store> = &self.stores.devices;
-            devices
-                .device(&event.device_id)
-                .await?
-                .and_then(|d| d.error)
         } else {
             None
         };
         Ok(Notice {
             event: event.clone(),
             down_since,
-            error,
         })
     }
 
@@ -662,12 +635,7 @@ impl Sinks {
         // Recorded first: an answer recorded after would put its notification back
         // at the end of its backoff.
         self.record(run).await;
-        match self
-            .stores
-            .notifications
-            .due_now(&sink.spec.name, self.clock.now())
-            .await
-        {
+        match self.store.due_now(&sink.spec.name, self.clock.now()).await {
             Ok(moved) => {
                 tracing::info!(sink = %sink.spec.name, retried_now = moved, "the receiver answers again; sending what waited");
                 run.due_in_store = true;
@@ -684,13 +652,7 @@ impl Sinks {
         if run.answered.is_empty() {
             return;
         }
-        if self
-            .stores
-            .notifications
-            .settle(&run.answered)
-            .await
-            .is_ok()
-        {
+        if self.store.settle(&run.answered).await.is_ok() {
             let done: std::collections::HashSet<i64> =
                 run.answered.iter().map(settled_id).collect();
             run.flying.retain(|id| !done.contains(id));

@@ -19,9 +19,6 @@ pub struct Notice {
     /// For a recovery: when the device went offline or into error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub down_since: Option<Timestamp>,
-    /// For an error: the device's error text when the notice was written.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
 }
 
 /// The webhook body: Standard Webhooks' `{"type", "timestamp", "data"}`.
@@ -98,7 +95,7 @@ impl Notice {
                 format!("🔴 {id} is offline\n{last_seen}\nCause: {cause}")
             }
             "device.error" => {
-                let what = self.error.as_deref().unwrap_or("(no error text)");
+                let what = self.event.error.as_deref().unwrap_or("(no error text)");
                 format!(
                     "🟠 {id} reports an error: {what}\nSince: {}",
                     at(self.event.changed_at)
@@ -184,7 +181,6 @@ mod tests {
         Notice {
             event,
             down_since: None,
-            error: None,
         }
     }
 
@@ -203,7 +199,7 @@ mod tests {
             "🟢 pump-7 is back online\nDown for: 1h2m (since 2026-11-22 09:00:00 UTC)"
         );
         let mut error = notice(Status::Online, Status::Error, Reason::DeviceError);
-        error.error = Some("disk full".into());
+        error.event.error = Some("disk full".into());
         assert!(
             error
                 .text()
@@ -237,6 +233,12 @@ mod tests {
         let stored: Notice =
             serde_json::from_slice(&serde_json::to_vec(&back).expect("json")).expect("reads back");
         assert_eq!(stored, back);
+
+        let mut error = notice(Status::Online, Status::Error, Reason::DeviceError);
+        error.event.error = Some("disk full".into());
+        let body: serde_json::Value = serde_json::from_str(&error.webhook_body()).expect("json");
+        assert_eq!(body["type"], "device.error");
+        assert_eq!(body["data"]["error"], "disk full");
     }
 
     #[test]

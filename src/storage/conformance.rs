@@ -28,6 +28,7 @@ macro_rules! store_conformance {
             first_heartbeat_registers_and_later_ones_only_move_last_seen,
             error_and_recovery_in_one_batch_are_two_transitions,
             error_text_is_kept_while_in_error,
+            an_error_event_keeps_its_text_after_a_recovery,
             a_heartbeat_after_another_writer_took_the_device_offline_is_a_transition,
             a_heartbeat_received_before_another_writer_took_the_device_offline_does_not_undo_it,
             a_device_in_error_takes_the_latest_error_text,
@@ -202,6 +203,56 @@ pub(crate) async fn error_text_is_kept_while_in_error(store: Arc<dyn Store>) {
     assert_eq!(
         (device.status, device.error.as_deref()),
         (Status::Error, Some("disk full"))
+    );
+}
+
+/// A device that recovers at once (its next heartbeat, committed on its own) has its
+/// row's error text cleared before a sink reads the error event: the event keeps it.
+pub(crate) async fn an_error_event_keeps_its_text_after_a_recovery(store: Arc<dyn Store>) {
+    let broke = apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat(false, None))
+    })
+    .await;
+    let back = apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_010), beat(true, None))
+    })
+    .await;
+    let committed: Vec<_> = broke
+        .iter()
+        .chain(&back)
+        .map(|e| (e.status, e.error.as_deref()))
+        .collect();
+    assert_eq!(
+        committed,
+        vec![(Status::Error, Some("disk full")), (Status::Online, None)]
+    );
+    let device = store.device(&id("a")).await.expect("read").expect("exists");
+    assert_eq!((device.status, device.error), (Status::Online, None));
+
+    let history = store.events(&id("a"), None, 10).await.expect("read");
+    let texts: Vec<_> = history
+        .iter()
+        .map(|e| (e.event.status, e.event.error.as_deref()))
+        .collect();
+    assert_eq!(
+        texts,
+        vec![(Status::Online, None), (Status::Error, Some("disk full"))],
+        "history, newest first"
+    );
+    let outbox = store.unpublished(0, 10).await.expect("read");
+    let texts: Vec<_> = outbox
+        .iter()
+        .filter_map(|item| match &item.entry {
+            OutboxEntry::Status(e) => Some((e.status, e.error.clone())),
+            OutboxEntry::Clear(_) => None,
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        vec![
+            (Status::Error, Some("disk full".to_string())),
+            (Status::Online, None)
+        ]
     );
 }
 

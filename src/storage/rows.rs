@@ -85,6 +85,7 @@ pub(crate) fn stored_event(row: &impl Columns) -> Result<StoredEvent, StoreError
             reason: row.required_text("reason")?.parse().map_err(corrupt)?,
             last_seen_at: row.time("last_seen_at")?,
             changed_at: row.required_time("changed_at")?,
+            error: row.text("error")?,
         },
     })
 }

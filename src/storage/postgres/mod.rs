@@ -289,7 +289,8 @@ macro_rules! set_fields {
 
 macro_rules! event_columns {
     () => {
-        "seq, event_id, device_id, status, previous_status, reason, last_seen_at, changed_at"
+        "seq, event_id, device_id, status, previous_status, reason, last_seen_at, changed_at, \
+         error"
     };
 }
 
@@ -366,12 +367,13 @@ const SELECT_CURRENT: &str = "SELECT device_id, status, last_seen_at, status_cha
      FROM devices WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE";
 
 const INSERT_EVENTS: &str = "INSERT INTO status_events (event_id, device_id, status, \
-         previous_status, reason, last_seen_at, changed_at) \
+         previous_status, reason, last_seen_at, changed_at, error) \
      SELECT e.event_id, e.device_id, e.status, e.previous_status, e.reason, e.last_seen, \
-         e.changed \
+         e.changed, e.error \
      FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                 $6::timestamptz[], $7::timestamptz[]) WITH ORDINALITY \
-         AS e(event_id, device_id, status, previous_status, reason, last_seen, changed, n) \
+                 $6::timestamptz[], $7::timestamptz[], $8::text[]) WITH ORDINALITY \
+         AS e(event_id, device_id, status, previous_status, reason, last_seen, changed, \
+              error, n) \
      ORDER BY e.n";
 
 async fn refresh_steady(
@@ -495,11 +497,14 @@ async fn insert_events(tx: &mut PgConnection, events: &[StatusEvent]) -> Result<
     }
     lock_outbox(tx).await?;
     let n = events.len();
-    let (mut ids, mut devices, mut statuses, mut previous, mut reasons, mut seen, mut changed) = (
+    let (mut ids, mut devices, mut statuses, mut previous, mut reasons) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut seen, mut changed, mut errors) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -512,6 +517,7 @@ async fn insert_events(tx: &mut PgConnection, events: &[StatusEvent]) -> Result<
         reasons.push(event.reason.as_str());
         seen.push(times(event.last_seen_at));
         changed.push(time(event.changed_at));
+        errors.push(event.error.as_deref());
     }
     sqlx::query(INSERT_EVENTS)
         .bind(ids)
@@ -521,6 +527,7 @@ async fn insert_events(tx: &mut PgConnection, events: &[StatusEvent]) -> Result<
         .bind(reasons)
         .bind(seen)
         .bind(changed)
+        .bind(errors)
         .execute(&mut *tx)
         .await?;
     Ok(())
@@ -742,7 +749,7 @@ impl Store for PgStore {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         sqlx::query(
             "SELECT e.seq, e.event_id, e.device_id, e.status, e.previous_status, e.reason, \
-                 e.last_seen_at, e.changed_at \
+                 e.last_seen_at, e.changed_at, e.error \
              FROM devices AS d CROSS JOIN LATERAL \
                  (SELECT * FROM status_events WHERE device_id = d.device_id \
                   ORDER BY seq DESC LIMIT 1) AS e \

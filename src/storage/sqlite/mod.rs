@@ -298,12 +298,13 @@ const REFRESH_STEADY_WHERE: &str = ") AS v \
      WHERE devices.device_id = v.column1 AND devices.status = v.column2";
 
 const INSERT_EVENTS: &str = "INSERT INTO status_events (event_id, device_id, status, \
-     previous_status, reason, last_seen_at, changed_at) ";
+     previous_status, reason, last_seen_at, changed_at, error) ";
 
 /// Column lists as literals, so `concat!` can build `&'static str` queries from them.
 macro_rules! event_columns {
     () => {
-        "seq, event_id, device_id, status, previous_status, reason, last_seen_at, changed_at"
+        "seq, event_id, device_id, status, previous_status, reason, last_seen_at, changed_at, \
+         error"
     };
 }
 
@@ -472,7 +473,8 @@ async fn insert_events(tx: &mut WriteTx, events: &[StatusEvent]) -> Result<(), S
                 .push_bind(event.previous_status.map(Status::as_str))
                 .push_bind(event.reason.as_str())
                 .push_bind(event.last_seen_at.map(Timestamp::unix_millis))
-                .push_bind(event.changed_at.unix_millis());
+                .push_bind(event.changed_at.unix_millis())
+                .push_bind(event.error.clone());
         });
         query.build().execute(&mut **tx).await?;
     }
@@ -690,7 +692,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         sqlx::query(
             "SELECT e.seq, e.event_id, e.device_id, e.status, e.previous_status, e.reason, \
-                 e.last_seen_at, e.changed_at \
+                 e.last_seen_at, e.changed_at, e.error \
              FROM devices AS d JOIN status_events AS e ON e.seq = \
                  (SELECT max(seq) FROM status_events WHERE device_id = d.device_id) \
              WHERE d.device_id > ?1 AND e.published_at IS NOT NULL \
