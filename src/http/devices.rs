@@ -350,6 +350,31 @@ pub struct HeartbeatAck {
     pending_commands: Vec<serde_json::Value>,
 }
 
+impl HeartbeatAck {
+    /// The answer, serialised once per process for each value of `registered`: every
+    /// heartbeat gets one of two fixed bodies, so none is rendered per request.
+    fn response(registered: bool) -> impl IntoResponse {
+        static BODIES: std::sync::LazyLock<[Bytes; 2]> = std::sync::LazyLock::new(|| {
+            [false, true].map(|registered| {
+                let ack = HeartbeatAck {
+                    status: "ok",
+                    registered,
+                    pending_commands: Vec::new(),
+                };
+                // A struct of plain fields serialises without fail.
+                Bytes::from(serde_json::to_vec(&ack).unwrap_or_default())
+            })
+        });
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            BODIES[usize::from(registered)].clone(),
+        )
+    }
+}
+
 /// A heartbeat over HTTP: the MQTT payload, the same handling, the same events.
 #[utoipa::path(post, path = "/api/v1/devices/{id}/heartbeat", tag = "devices",
     params(("id" = String, Path, description = "Device id", pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length = 128)),
@@ -370,7 +395,7 @@ pub async fn heartbeat(
     State(state): State<HttpState>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<HeartbeatAck>, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let id = device_id(&id)?;
     let body = body.map_err(from_rejection)?;
     let heartbeat = payload::parse(&body, state.max_payload).map_err(|e| {
@@ -412,11 +437,7 @@ pub async fn heartbeat(
         }
         Ok(Err(FlushError::Stopped)) | Err(_) => return Err(stopping()),
     };
-    Ok(Json(HeartbeatAck {
-        status: "ok",
-        registered,
-        pending_commands: Vec::new(),
-    }))
+    Ok(HeartbeatAck::response(registered))
 }
 
 /// The answer to a heartbeat from a device the registration policy would not register.
