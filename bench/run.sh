@@ -7,7 +7,9 @@
 #   bench/run.sh            full run (about 24 minutes)
 #   bench/run.sh --quick    everything at a small scale (about 3 minutes; CI smoke test)
 #   bench/run.sh --only ingest,lag   a subset (see --help); pgdb needs PostgreSQL
-#                                    (--postgres URL or FLEETWATCH_BENCH_POSTGRES)
+#                                    (--postgres URL or FLEETWATCH_BENCH_POSTGRES);
+#                                    http needs wrk (apt-get install -y wrk, which the
+#                                    harness runs itself if wrk is missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v mosquitto >/dev/null || { echo "bench/run.sh: needs mosquitto (apt-get install mosquitto)" >&2; exit 1; }

@@ -9,6 +9,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod db;
 mod deadlines;
+mod http;
 mod listen;
 mod measure;
 mod notify;
@@ -26,7 +27,7 @@ use clap::Parser;
 
 use crate::report::Report;
 
-const MEASUREMENTS: [&str; 12] = [
+const MEASUREMENTS: [&str; 13] = [
     "ingest",
     "db",
     "pgdb",
@@ -35,6 +36,7 @@ const MEASUREMENTS: [&str; 12] = [
     "storm",
     "deadlines",
     "memory",
+    "http",
     "sustained",
     "notify",
     "outage",
@@ -49,7 +51,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Only these measurements, comma-separated: ingest, db, pgdb, coalescing, lag,
-    /// storm, deadlines, memory, sustained, notify, outage, hubs.
+    /// storm, deadlines, memory, http, sustained, notify, outage, hubs.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The PostgreSQL server `pgdb` creates its databases on (and drops them after),
@@ -103,6 +105,10 @@ pub struct Scale {
     /// The offered rates the several-hubs measurement ramps through: higher than the
     /// ingest ramp, to find what saturates first with two hubs behind the broker.
     pub hubs_rates: Vec<u64>,
+    /// HTTP heartbeats: registered devices, each wrk run, each paced run.
+    pub http_devices: u64,
+    pub http_for: Duration,
+    pub http_paced_for: Duration,
 }
 
 impl Scale {
@@ -133,6 +139,9 @@ impl Scale {
             outage_interval: Duration::from_secs(10),
             outage_for: Duration::from_secs(600),
             hubs_rates: vec![60_000, 120_000, 180_000, 240_000, 300_000],
+            http_devices: 10_000,
+            http_for: Duration::from_secs(10),
+            http_paced_for: Duration::from_secs(10),
         }
     }
 
@@ -163,6 +172,9 @@ impl Scale {
             outage_interval: Duration::from_secs(1),
             outage_for: Duration::from_secs(15),
             hubs_rates: vec![10_000, 20_000],
+            http_devices: 10_000,
+            http_for: Duration::from_secs(3),
+            http_paced_for: Duration::from_secs(3),
         }
     }
 }
@@ -205,6 +217,7 @@ async fn main() -> Result<ExitCode> {
             "storm" => measure::storm(dir, scale, report).await,
             "deadlines" => deadlines::deadlines(dir, scale, report).await,
             "memory" => measure::memory(dir, scale, report).await,
+            "http" => http::http(dir, scale, report).await,
             "notify" => notify::storm(dir, scale, report).await,
             "outage" => notify::outage(dir, scale, report).await,
             "hubs" => scaling::scaling(dir, &args.postgres, scale, report).await,

@@ -260,6 +260,11 @@ impl Hub {
         Ok(hub)
     }
 
+    /// The HTTP API's base URL, `http://127.0.0.1:PORT`.
+    pub fn http_url(&self) -> &str {
+        &self.http
+    }
+
     async fn wait_healthy(&self, limit: Duration) -> Result<()> {
         let deadline = Instant::now() + limit;
         loop {
