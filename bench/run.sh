@@ -4,8 +4,8 @@
 # table and writes target/bench/results.json. Every figure is a ratio to a baseline
 # measured in the same run, because a shared machine's absolute figures drift.
 #
-#   bench/run.sh            full run (about 24 minutes)
-#   bench/run.sh --quick    everything at a small scale (about 3 minutes; CI smoke test)
+#   bench/run.sh            full run (about 30 minutes)
+#   bench/run.sh --quick    everything at a small scale (about 5 minutes; CI smoke test)
 #   bench/run.sh --only ingest,lag   a subset (see --help); pgdb needs PostgreSQL
 #                                    (--postgres URL or FLEETWATCH_BENCH_POSTGRES);
 #                                    http needs wrk (apt-get install -y wrk, which the

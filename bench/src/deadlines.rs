@@ -199,7 +199,13 @@ async fn run(dir: &Path, scale: &Scale, mode: Mode) -> Result<Run> {
     shift(&url, origin).await?;
     let mosquitto = Mosquitto::start(dir).await?;
     let listener = listen(&mosquitto.url, "devices/+/status", QoS::AtLeastOnce, true).await?;
-    let hub = Hub::start(dir, &db, HubBroker::External(&mosquitto.url), hub_offline_after).await?;
+    let hub = Hub::start(
+        dir,
+        &db,
+        HubBroker::External(&mosquitto.url),
+        hub_offline_after,
+    )
+    .await?;
     let up_ms = chrono::Utc::now().timestamp_millis();
     if up_ms >= origin {
         bail!(
@@ -244,7 +250,10 @@ async fn run(dir: &Path, scale: &Scale, mode: Mode) -> Result<Run> {
         })
         .collect();
     if lags.len() < due {
-        bail!("{name}: {} of {due} due devices reported offline", lags.len());
+        bail!(
+            "{name}: {} of {due} due devices reported offline",
+            lags.len()
+        );
     }
     lags.sort_unstable();
     let passes = count1 - count0;

@@ -46,7 +46,7 @@ const MEASUREMENTS: [&str; 13] = [
 #[derive(Parser, Debug)]
 #[command(about = "fleetwatch benchmarks: each figure a ratio to a baseline of the same run")]
 struct Args {
-    /// Everything at a small scale, in about three minutes (a smoke test: figures at
+    /// Everything at a small scale, in about five minutes (a smoke test: figures at
     /// this scale say little).
     #[arg(long)]
     quick: bool,
