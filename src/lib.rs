@@ -15,7 +15,8 @@
 //!   through the [`storage`] trait. A store reads the devices a flush names, [`rules`]
 //!   decides the rows and events (the [`status`] machine every transition), and the
 //!   store writes them.
-//! - [`checker`]: takes silent devices offline with one conditional update per pass.
+//! - [`checker`]: takes silent devices offline with one conditional update per pass,
+//!   each device at its own deadline ([`deadline`]).
 //! - [`alerts`]: committed transitions are logged, counted and wake the sinks.
 //! - [`mqtt::publisher`]: publishes the outbox ([`event`]) and marks what the broker
 //!   acknowledged.

@@ -192,7 +192,7 @@ pub fn decide<'a>(
 
 /// What silence does: for each watched status, the transition that takes a device in
 /// it offline. A store runs one conditional update per entry (the device still in
-/// `from` and last seen before the cutoff), so each knows the status it replaces.
+/// `from` and its deadline passed), so each knows the status it replaces.
 pub fn timeouts() -> impl Iterator<Item = (Status, Transition)> {
     Status::ALL.into_iter().filter_map(|from| {
         status::transition(Some(from), Signal::Timeout).map(|transition| (from, transition))
