@@ -233,6 +233,7 @@ mod tests {
             offline_after: None,
             interval: None,
             deadline_at: None,
+            labels: Default::default(),
             report: Default::default(),
         };
         let row = table_row(&device, Timestamp::from_unix_millis(6_000));

@@ -75,6 +75,40 @@ pub fn from_millis(ms: i64) -> Duration {
     Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
+/// A duration as the API and heartbeats write it: whole seconds, minutes or hours,
+/// `"30s"`, `"10m"`, `"2h"`, from 1 s to 30 days. Exactly what [`DURATION_PATTERN`]
+/// matches, so the OpenAPI document says what is accepted.
+pub fn parse_text(text: &str) -> Result<Duration, String> {
+    let unit = match text.as_bytes().last() {
+        Some(b's') => 1,
+        Some(b'm') => 60,
+        Some(b'h') => 3600,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a duration such as \"30s\", \"10m\" or \"2h\""
+            ));
+        }
+    };
+    let digits = &text[..text.len() - 1];
+    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "{text:?} is not a duration such as \"30s\", \"10m\" or \"2h\""
+        ));
+    }
+    let count: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is too long"))?;
+    bounded(Duration::from_secs(count.saturating_mul(unit))).map_err(|e| e.to_string())
+}
+
+/// [`parse_text`]'s grammar with its bounds, as a regular expression: 1 to 2,592,000
+/// seconds, 1 to 43,200 minutes or 1 to 720 hours.
+pub const DURATION_PATTERN: &str = concat!(
+    "^(([1-9][0-9]{0,5}|1[0-9]{6}|2[0-4][0-9]{5}|25[0-8][0-9]{4}|259[01][0-9]{3}|2592000)s",
+    "|([1-9][0-9]{0,3}|[1-3][0-9]{4}|4[0-2][0-9]{3}|43[01][0-9]{2}|43200)m",
+    "|([1-9][0-9]?|[1-6][0-9]{2}|7[01][0-9]|720)h)$"
+);
+
 /// Why a duration cannot be a device's `offline_after` or interval.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("must be between 1s and 30days, not {}", humantime::format_duration(*.0))]
@@ -114,6 +148,44 @@ mod tests {
             FLEET.deadline(seen, None, Some(Duration::from_millis(1_500))),
             Timestamp::from_unix_millis(5_500)
         );
+    }
+
+    #[test]
+    fn durations_are_whole_seconds_minutes_or_hours_within_the_bounds() {
+        assert_eq!(parse_text("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_text("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_text("720h"), Ok(MAX));
+        for bad in [
+            "", "s", "0s", "05s", "1.5s", "1d", "2h30m", " 5s", "721h", "43201m",
+        ] {
+            assert!(parse_text(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// The pattern the OpenAPI document states accepts exactly what the parser does,
+    /// checked at every boundary and across the whole range of each unit.
+    #[test]
+    fn the_documented_pattern_matches_exactly_what_is_parsed() {
+        let pattern = regex::Regex::new(DURATION_PATTERN).expect("pattern");
+        let mut cases: Vec<String> = ["", "0s", "05s", "1d", "s", "7200m0", "2592001s"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for (unit, max) in [("s", 2_592_000u64), ("m", 43_200), ("h", 720)] {
+            for n in (0..=max + 2)
+                .step_by(997)
+                .chain([0, 1, 9, 10, max - 1, max, max + 1])
+            {
+                cases.push(format!("{n}{unit}"));
+            }
+        }
+        for case in cases {
+            assert_eq!(
+                pattern.is_match(&case),
+                parse_text(&case).is_ok(),
+                "{case:?}"
+            );
+        }
     }
 
     #[test]

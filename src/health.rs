@@ -310,6 +310,14 @@ impl Store for RecordWrites {
         )
     }
 
+    async fn set_labels(
+        &self,
+        id: &DeviceId,
+        labels: &crate::labels::Labels,
+    ) -> Result<Device, StoreError> {
+        self.inner.set_labels(id, labels).await
+    }
+
     async fn set_offline_after(
         &self,
         id: &DeviceId,

@@ -38,6 +38,7 @@ pub mod event;
 pub mod health;
 pub mod heartbeat;
 pub mod http;
+pub mod labels;
 pub mod metrics;
 pub mod mqtt;
 pub mod notify;

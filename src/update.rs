@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Timestamp;
 use crate::device::DeviceId;
+use crate::labels::Labels;
 use crate::status::Signal;
 
 /// A valid heartbeat. The receipt time is not here: it is the hub's, added by whoever
@@ -28,6 +29,8 @@ pub struct Heartbeat {
     pub device_time: Option<Timestamp>,
     /// How often the device says it sends heartbeats (`interval`).
     pub interval: Option<Duration>,
+    /// Labels the device declares: set key by key.
+    pub labels: Option<Labels>,
     pub report: Report,
 }
 
@@ -75,6 +78,14 @@ impl Report {
     }
 }
 
+fn merge_labels(slot: &mut Option<Labels>, newer: Option<Labels>) {
+    match (slot.as_mut(), newer) {
+        (Some(labels), Some(newer)) => labels.merge(newer),
+        (None, newer) => *slot = newer,
+        (Some(_), None) => {}
+    }
+}
+
 fn overlay<T>(slot: &mut Option<T>, newer: Option<T>) {
     if newer.is_some() {
         *slot = newer;
@@ -117,6 +128,9 @@ pub struct DeviceUpdate {
     /// The heartbeat interval the latest heartbeat that declared one declared; `None`
     /// keeps what is stored.
     pub interval: Option<Duration>,
+    /// The labels the heartbeats declared, merged (newest wins per key); `None`: none
+    /// declared, the stored ones stay.
+    pub labels: Option<Labels>,
     /// Error text to store: `Some(None)` clears it (the latest heartbeat was ok),
     /// `None` keeps what is stored.
     pub error: Option<Option<String>>,
@@ -168,6 +182,7 @@ impl DeviceUpdate {
             device_time: None,
             clock_skew_ms: None,
             interval: None,
+            labels: None,
             error: None,
             report: Report::default(),
         }
@@ -195,6 +210,7 @@ impl DeviceUpdate {
             error,
             device_time,
             interval,
+            labels,
             report,
         } = heartbeat;
         let error = if healthy { None } else { error };
@@ -205,6 +221,7 @@ impl DeviceUpdate {
             self.clock_skew_ms = Some(device_time.millis_since(at));
         }
         self.interval = interval.or(self.interval);
+        merge_labels(&mut self.labels, labels);
         self.error = Some(error);
         self.report.merge(report);
     }
@@ -316,6 +333,7 @@ fn merge(mut older: DeviceUpdate, newer: DeviceUpdate) -> DeviceUpdate {
     older.device_time = newer.device_time.or(older.device_time);
     older.clock_skew_ms = newer.clock_skew_ms.or(older.clock_skew_ms);
     older.interval = newer.interval.or(older.interval);
+    merge_labels(&mut older.labels, newer.labels);
     older.error = newer.error.or(older.error);
     older.report.merge(newer.report);
     older

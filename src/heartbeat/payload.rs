@@ -196,16 +196,20 @@ pub(crate) struct Wire {
     #[serde(default)]
     #[schema(schema_with = metrics_schema)]
     metrics: Option<BTreeMap<String, f64>>,
-    /// How often the device sends heartbeats: seconds (`30`, `2.5`) or a duration
-    /// (`"30s"`, `"1h"`), from 1 s to 30 days. The device goes offline after
+    /// How often the device sends heartbeats: seconds (`30`, `2.5`) or whole seconds,
+    /// minutes or hours (`"30s"`, `"10m"`, `"2h"`), from 1 s to 30 days. The device goes offline after
     /// `heartbeat.missed_beats` of them are missing, unless it has an `offline_after`
     /// of its own.
     #[serde(default, deserialize_with = "interval")]
     #[schema(schema_with = interval_schema)]
     interval: Option<std::time::Duration>,
+    /// Labels the device declares, `{"site": "north"}`: set key by key, others kept
+    /// (interface.md "Labels").
+    #[serde(default)]
+    labels: Option<crate::labels::Labels>,
 }
 
-/// `interval` as documented: a number of seconds or a duration string.
+/// `interval` as documented: a number of seconds, a duration string, or null.
 fn interval_schema() -> utoipa::openapi::schema::Schema {
     use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
     OneOfBuilder::new()
@@ -218,8 +222,10 @@ fn interval_schema() -> utoipa::openapi::schema::Schema {
         .item(
             ObjectBuilder::new()
                 .schema_type(Type::String)
+                .pattern(Some(crate::deadline::DURATION_PATTERN))
                 .examples([serde_json::json!("30s")]),
         )
+        .item(ObjectBuilder::new().schema_type(Type::Null))
         .build()
         .into()
 }
@@ -304,8 +310,9 @@ fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D
     }
 }
 
-/// Seconds as a JSON number, or a duration string (`"30s"`, `"1h 30m"`), within
-/// [`crate::deadline::MIN`]..=[`crate::deadline::MAX`]; or null.
+/// Seconds as a JSON number within [`crate::deadline::MIN`]..=[`crate::deadline::MAX`],
+/// or whole seconds, minutes or hours as a string ([`crate::deadline::parse_text`]);
+/// or null.
 fn interval<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<std::time::Duration>, D::Error> {
@@ -350,9 +357,9 @@ fn interval<'de, D: serde::Deserializer<'de>>(
         }
 
         fn visit_str<E: Error>(self, t: &str) -> Result<Self::Value, E> {
-            let d = humantime::parse_duration(t)
-                .map_err(|e| E::custom(format!("interval {t:?} is not a duration: {e}")))?;
-            bounded(d)
+            crate::deadline::parse_text(t)
+                .map(Some)
+                .map_err(|e| E::custom(format!("interval {e}")))
         }
     }
 
@@ -382,6 +389,7 @@ impl From<Wire> for Heartbeat {
             error: if healthy { None } else { wire.error },
             device_time: wire.timestamp,
             interval: wire.interval,
+            labels: wire.labels,
             report: Report {
                 uptime_seconds: wire.uptime_seconds,
                 free_memory: wire.free_memory,
@@ -509,7 +517,7 @@ mod tests {
             Some(Duration::from_millis(2_500))
         );
         assert_eq!(
-            interval(r#"{"interval":"1h 30m"}"#),
+            interval(r#"{"interval":"90m"}"#),
             Some(Duration::from_secs(5_400))
         );
         assert_eq!(interval(r#"{"interval":null}"#), None);
@@ -520,6 +528,8 @@ mod tests {
             r#"{"interval":0.5}"#,
             r#"{"interval":"soon"}"#,
             r#"{"interval":"31days"}"#,
+            r#"{"interval":"721h"}"#,
+            r#"{"interval":"1h 30m"}"#,
             r#"{"interval":1e300}"#,
             r#"{"interval":[30]}"#,
         ] {
@@ -533,6 +543,24 @@ mod tests {
                 .contains("interval must be between 1s and 30days"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn labels_are_a_bounded_object_of_strings() {
+        let hb = parse_ok(r#"{"labels":{"site":"north","kind":"pump"}}"#);
+        assert_eq!(
+            hb.labels.as_ref().and_then(|l| l.get("site")),
+            Some("north")
+        );
+        assert_eq!(parse_ok(r#"{"labels":null}"#).labels, None);
+        for bad in [
+            r#"{"labels":{"site":1}}"#,
+            r#"{"labels":{"si:te":"x"}}"#,
+            r#"{"labels":["site"]}"#,
+            r#"{"labels":{"site":"a,b"}}"#,
+        ] {
+            assert_eq!(reason(bad.as_bytes()), RejectReason::InvalidField, "{bad}");
+        }
     }
 
     #[test]

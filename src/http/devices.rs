@@ -17,6 +17,7 @@ use super::error::{ApiError, ErrorBody, from_rejection};
 use crate::device::DeviceId;
 use crate::event::StatusEvent;
 use crate::heartbeat::{FlushError, Inbound, Outcome, PayloadError, payload};
+use crate::labels::{LabelFilter, Labels};
 use crate::registration::Refusal;
 use crate::status::Status;
 use crate::storage::{Device, DeviceQuery, StoreError, Summary};
@@ -55,6 +56,13 @@ pub struct ListParams {
     status: Option<Status>,
     /// Only devices whose id starts with this (case-sensitive).
     prefix: Option<String>,
+    /// Only devices carrying these labels: `key:value`, comma-separated for several
+    /// (`site:north,kind:pump`).
+    #[param(
+        example = "site:north",
+        pattern = r"^[A-Za-z0-9_./-]{1,64}:[^,\u0000-\u001f\u007f-\u009f]{1,128}(,[A-Za-z0-9_./-]{1,64}:[^,\u0000-\u001f\u007f-\u009f]{1,128})*$"
+    )]
+    label: Option<String>,
     /// `next_cursor` of the previous page (a device id).
     #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length = 128)]
     cursor: Option<String>,
@@ -94,12 +102,20 @@ pub async fn list(
             DeviceId::parse(cursor).map_err(|_| ApiError::BadRequest("invalid cursor".into()))
         })
         .transpose()?;
+    let labels = params
+        .label
+        .as_deref()
+        .map(LabelFilter::parse_list)
+        .transpose()
+        .map_err(ApiError::BadRequest)?
+        .unwrap_or_default();
     let mut devices = state
         .store
         .devices(&DeviceQuery {
             status: params.status,
             prefix: params.prefix,
             after,
+            labels,
             limit: limit + 1,
         })
         .await?;
@@ -134,14 +150,39 @@ pub async fn get(
         .ok_or_else(|| StoreError::NotFound(id).into())
 }
 
+/// Replace a device's labels (its heartbeats' `labels` set keys again as they arrive).
+#[utoipa::path(put, path = "/api/v1/devices/{id}/labels", tag = "devices",
+    params(("id" = String, Path, description = "Device id", pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length = 128)),
+    request_body = Labels,
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The device, with its new labels", body = Device),
+        (status = 400, description = "Body is not JSON", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "Not a valid device id, or labels out of bounds", body = ErrorBody),
+        (status = 503, description = "Database not answering", body = ErrorBody),
+    ))]
+pub async fn set_labels(
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    body: Result<Json<Labels>, JsonRejection>,
+) -> Result<Json<Device>, ApiError> {
+    let id = device_id(&id)?;
+    let Json(labels) = body.map_err(from_rejection)?;
+    Ok(Json(state.store.set_labels(&id, &labels).await?))
+}
+
 /// A change to a device. Fields left out stay as they are.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceChange {
-    /// The device's own `offline_after` (1s to 30days, such as `"20s"` or `"2h"`),
-    /// first in the order a deadline is chosen by; `null` clears it.
+    /// The device's own `offline_after`: whole seconds, minutes or hours from 1 s to
+    /// 30 days (`"20s"`, `"10m"`, `"2h"`), first in the order a deadline is chosen
+    /// by; `null` clears it.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>, example = "20s")]
+    #[schema(value_type = Option<String>, example = "20s", pattern = r"^(([1-9][0-9]{0,5}|1[0-9]{6}|2[0-4][0-9]{5}|25[0-8][0-9]{4}|259[01][0-9]{3}|2592000)s|([1-9][0-9]{0,3}|[1-3][0-9]{4}|4[0-2][0-9]{3}|43[01][0-9]{2}|43200)m|([1-9][0-9]?|[1-6][0-9]{2}|7[01][0-9]|720)h)$")]
     offline_after: Option<Option<String>>,
 }
 
@@ -178,15 +219,17 @@ pub async fn change(
     let id = device_id(&id)?;
     let Json(change) = body.map_err(from_rejection)?;
     let Some(offline_after) = change.offline_after else {
-        return Err(ApiError::Unprocessable(
-            "nothing to change: the body names no field (offline_after)".into(),
-        ));
+        // Nothing named, nothing changed: the device as it is.
+        return state
+            .store
+            .device(&id)
+            .await?
+            .map(Json)
+            .ok_or_else(|| StoreError::NotFound(id).into());
     };
     let offline_after = offline_after
         .map(|text| {
-            humantime::parse_duration(&text)
-                .map_err(|e| format!("{text:?} is not a duration: {e}"))
-                .and_then(|d| crate::deadline::bounded(d).map_err(|e| e.to_string()))
+            crate::deadline::parse_text(&text)
                 .map_err(|why| ApiError::Unprocessable(format!("offline_after {why}")))
         })
         .transpose()?;

@@ -13,12 +13,23 @@ use super::HttpState;
 use super::error::ErrorBody;
 use crate::alerts::LiveUpdate;
 
+/// One server-sent event as a client reads it (the schema of each event the stream
+/// sends; the events themselves are written by axum's `Event`).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct StreamEvent {
+    /// `status`, `deleted` or `resync`.
+    event: Option<String>,
+    /// JSON text: a status event, `{"device_id": ...}`, or `{}`.
+    data: Option<String>,
+}
+
 /// Follow status changes: events `status` (a status event), `deleted`
 /// (`{"device_id": ...}`) and `resync` (updates were missed: reload).
 #[utoipa::path(get, path = "/api/v1/stream", tag = "devices",
     security(("api_key" = [])),
     responses(
-        (status = 200, description = "Server-sent events", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-sent events", content_type = "text/event-stream", body = StreamEvent),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
     ))]
 pub async fn stream(

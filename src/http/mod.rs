@@ -123,6 +123,7 @@ pub fn router(state: HttpState, limits: RequestLimits) -> Router {
         .routes(routes!(devices::list, devices::register))
         .routes(routes!(devices::get, devices::delete, devices::change))
         .routes(routes!(devices::events))
+        .routes(routes!(devices::set_labels))
         .routes(routes!(devices::heartbeat))
         .routes(routes!(credentials::issue, credentials::revoke))
         .routes(routes!(devices::summary))

@@ -55,6 +55,8 @@ macro_rules! store_conformance {
             setting_offline_after_moves_the_pending_deadline_and_null_clears_it,
             the_grace_counts_each_devices_own_offline_after_from_heard_since,
             a_declared_interval_is_remembered_and_moves_the_deadline_in_every_write_path,
+            heartbeat_labels_set_keys_and_the_api_replaces_the_whole_set,
+            devices_page_by_label_and_every_filter_must_match,
         );
     };
     ($store:expr => $($test:ident),+ $(,)?) => {
@@ -556,6 +558,7 @@ pub(crate) async fn devices_page_by_id_with_status_and_prefix_filters(store: Arc
         status,
         prefix: prefix.map(str::to_string),
         after: after.map(id),
+        labels: Vec::new(),
         limit,
     };
     assert_eq!(page(q(None, None, None, 2)).await, ["pump-1", "pump-2"]);
@@ -1069,4 +1072,160 @@ pub(crate) async fn a_declared_interval_is_remembered_and_moves_the_deadline_in_
     })
     .await;
     assert_eq!(deadline_of(&store, "a").await, Some(at(16_000)));
+}
+
+fn labels(json: serde_json::Value) -> crate::labels::Labels {
+    serde_json::from_value(json).expect("valid labels")
+}
+
+fn beat_labelled(value: serde_json::Value) -> Heartbeat {
+    Heartbeat {
+        labels: Some(labels(value)),
+        ..beat(true, None)
+    }
+}
+
+async fn labels_of(store: &Arc<dyn Store>, device: &str) -> serde_json::Value {
+    let device = store
+        .device(&id(device))
+        .await
+        .expect("read")
+        .expect("exists");
+    serde_json::to_value(device.labels).expect("json")
+}
+
+/// A heartbeat's labels set the keys they carry, in the fast refresh and the full
+/// path alike, and keep the rest; a heartbeat without labels keeps them all; the API
+/// replaces the whole set.
+pub(crate) async fn heartbeat_labels_set_keys_and_the_api_replaces_the_whole_set(
+    store: Arc<dyn Store>,
+) {
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat(true, None))
+    })
+    .await;
+    assert_eq!(labels_of(&store, "a").await, serde_json::json!({}));
+    // Steady (online, still online): labels merged in the fast refresh.
+    apply(&store, |b| {
+        b.add_heartbeat(
+            id("a"),
+            at(2_000),
+            beat_labelled(serde_json::json!({"site": "north", "kind": "pump"})),
+        )
+    })
+    .await;
+    assert_eq!(
+        labels_of(&store, "a").await,
+        serde_json::json!({"site": "north", "kind": "pump"})
+    );
+    // Full path (a new device, and a known one going to error), two heartbeats in one
+    // flush merged newest last.
+    apply(&store, |b| {
+        b.add_heartbeat(
+            id("b"),
+            at(3_000),
+            beat_labelled(serde_json::json!({"site": "south"})),
+        );
+        b.add_heartbeat(
+            id("a"),
+            at(3_000),
+            Heartbeat {
+                labels: Some(labels(serde_json::json!({"site": "east"}))),
+                ..beat(false, None)
+            },
+        );
+        b.add_heartbeat(
+            id("a"),
+            at(3_100),
+            Heartbeat {
+                labels: Some(labels(serde_json::json!({"fw": "2"}))),
+                ..beat(false, None)
+            },
+        );
+    })
+    .await;
+    assert_eq!(
+        labels_of(&store, "a").await,
+        serde_json::json!({"site": "east", "kind": "pump", "fw": "2"})
+    );
+    assert_eq!(
+        labels_of(&store, "b").await,
+        serde_json::json!({"site": "south"})
+    );
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(4_000), beat(false, None))
+    })
+    .await;
+    assert_eq!(
+        labels_of(&store, "a").await,
+        serde_json::json!({"site": "east", "kind": "pump", "fw": "2"}),
+        "a heartbeat without labels keeps them"
+    );
+    let set = store
+        .set_labels(&id("a"), &labels(serde_json::json!({"room": "7"})))
+        .await
+        .expect("set");
+    assert_eq!(
+        serde_json::to_value(&set.labels).expect("json"),
+        serde_json::json!({"room": "7"})
+    );
+    assert!(matches!(
+        store
+            .set_labels(&id("nobody"), &labels(serde_json::json!({})))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub(crate) async fn devices_page_by_label_and_every_filter_must_match(store: Arc<dyn Store>) {
+    apply(&store, |b| {
+        for (name, site, kind) in [
+            ("d1", "north", "pump"),
+            ("d2", "north", "valve"),
+            ("d3", "south", "pump"),
+            ("d4", "north", "pump"),
+        ] {
+            b.add_heartbeat(
+                id(name),
+                at(1_000),
+                beat_labelled(serde_json::json!({"site": site, "kind": kind})),
+            );
+        }
+        b.add_heartbeat(id("d5"), at(1_000), beat(true, None));
+    })
+    .await;
+    let page = |filters: &[(&str, &str)], after: Option<&str>, limit: u32| {
+        let store = Arc::clone(&store);
+        let query = DeviceQuery {
+            labels: filters
+                .iter()
+                .map(|(key, value)| crate::labels::LabelFilter {
+                    key: key.to_string(),
+                    value: value.to_string(),
+                })
+                .collect(),
+            after: after.map(id),
+            limit,
+            ..DeviceQuery::default()
+        };
+        async move {
+            store
+                .devices(&query)
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|d| d.device_id.to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        page(&[("site", "north")], None, 10).await,
+        ["d1", "d2", "d4"]
+    );
+    assert_eq!(
+        page(&[("site", "north"), ("kind", "pump")], None, 10).await,
+        ["d1", "d4"]
+    );
+    assert_eq!(page(&[("site", "north")], Some("d1"), 1).await, ["d2"]);
+    assert!(page(&[("site", "west")], None, 10).await.is_empty());
 }

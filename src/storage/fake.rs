@@ -90,6 +90,14 @@ impl Store for FakeStore {
             .collect())
     }
 
+    async fn set_labels(
+        &self,
+        id: &DeviceId,
+        _: &crate::labels::Labels,
+    ) -> Result<Device, StoreError> {
+        Err(StoreError::NotFound(id.clone()))
+    }
+
     async fn set_offline_after(
         &self,
         id: &DeviceId,

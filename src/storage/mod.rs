@@ -36,6 +36,7 @@ use crate::credentials::CredentialHash;
 use crate::deadline::Deadlines;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
+use crate::labels::{LabelFilter, Labels};
 use crate::registration::{NewDevices, Refusal};
 use crate::status::Status;
 use crate::update::{DeviceUpdate, Report};
@@ -67,6 +68,8 @@ pub struct Device {
     /// `offline_after` (interface.md "Deadlines"). Only meaningful while it is online
     /// or in error.
     pub deadline_at: Option<Timestamp>,
+    /// Its labels, from its heartbeats and the API.
+    pub labels: Labels,
     #[serde(flatten)]
     pub report: Report,
 }
@@ -92,6 +95,10 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
         heard_since: Timestamp,
     ) -> Result<Vec<StatusEvent>, StoreError>;
+
+    /// Replaces a device's labels with `labels`; returns the device.
+    /// [`StoreError::NotFound`] if it does not exist.
+    async fn set_labels(&self, id: &DeviceId, labels: &Labels) -> Result<Device, StoreError>;
 
     /// Gives a device its own `offline_after` (`None` clears it) and moves its
     /// deadline accordingly; returns the device. [`StoreError::NotFound`] if it
@@ -184,6 +191,8 @@ pub struct DeviceQuery {
     pub prefix: Option<String>,
     /// Only ids after this one: the cursor of the previous page.
     pub after: Option<DeviceId>,
+    /// Only devices carrying every one of these labels.
+    pub labels: Vec<LabelFilter>,
     pub limit: u32,
 }
 

@@ -116,6 +116,7 @@ pub(crate) fn device(row: &impl Columns) -> Result<Device, StoreError> {
         offline_after: row.int("offline_after_ms")?.map(deadline::from_millis),
         interval: row.int("interval_ms")?.map(deadline::from_millis),
         deadline_at: row.time("deadline_at")?,
+        labels: row.json("labels")?.unwrap_or_default(),
         report: Report {
             uptime_seconds: row.unsigned("uptime_seconds")?,
             free_memory: row.unsigned("free_memory")?,

@@ -83,6 +83,16 @@ try {
   await page.waitForFunction(() => document.querySelectorAll(".card").length === 2);
   await page.fill("#search", "");
   await page.waitForFunction(() => document.querySelectorAll(".card").length > 2);
+
+  // Filter by label: the two devices at site north, their label on the card.
+  await page.fill("#label", "site:north");
+  await page.waitForFunction(() => document.querySelectorAll(".card").length === 2);
+  const labelled = await page.$$eval(".card", (cards) => cards.map((c) => c.dataset.deviceId).sort());
+  check(labelled.join() === "pump-error,pump-online", `label filter: ${labelled}`);
+  check((await page.textContent('.card[data-device-id="pump-online"] .info')).includes("site:north"),
+        "cards show their labels");
+  await page.fill("#label", "");
+  await page.waitForFunction(() => document.querySelectorAll(".card").length > 2);
   await waitForColour(page, "pump-live", COLOURS.online, 10000);
 
   // Live: the driver silences pump-live; its card turns red with no reload.

@@ -62,6 +62,19 @@ async fn the_dashboard_shows_the_fleet_and_turns_a_silent_device_red_without_rel
         .await
         .expect("register");
     assert_eq!(registered.status(), reqwest::StatusCode::CREATED);
+    // Two devices at one site, for the label filter.
+    for id in ["pump-online", "pump-error"] {
+        let labelled = app
+            .request(
+                reqwest::Method::PUT,
+                &format!("/api/v1/devices/{id}/labels"),
+            )
+            .json(&json!({"site": "north"}))
+            .send()
+            .await
+            .expect("labels");
+        assert_eq!(labelled.status(), reqwest::StatusCode::OK);
+    }
     // A fleet around them, for a realistic page.
     let mut fleet = Vec::new();
     for i in 0..24 {

@@ -37,13 +37,14 @@ async fn json_of(response: reqwest::Response) -> Value {
 }
 
 /// Every route the router has, as the OpenAPI document must list them.
-const ROUTES: [(&str, &str); 23] = [
+const ROUTES: [(&str, &str); 24] = [
     ("get", "/api/v1/devices"),
     ("post", "/api/v1/devices"),
     ("get", "/api/v1/devices/{id}"),
     ("delete", "/api/v1/devices/{id}"),
     ("patch", "/api/v1/devices/{id}"),
     ("get", "/api/v1/devices/{id}/events"),
+    ("put", "/api/v1/devices/{id}/labels"),
     ("post", "/api/v1/devices/{id}/heartbeat"),
     ("post", "/api/v1/devices/{id}/credentials"),
     ("delete", "/api/v1/devices/{id}/credentials"),

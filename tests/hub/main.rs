@@ -12,6 +12,7 @@ mod deadlines;
 mod faults;
 mod helpers;
 mod http;
+mod labels;
 #[cfg(feature = "mosquitto-tests")]
 mod lockdown;
 mod logins;

@@ -17,6 +17,8 @@ pub struct HubProcess {
     child: Child,
     lines: mpsc::Receiver<String>,
     pub log: Vec<String>,
+    /// Indexes into `log` of the lines a wait has already matched.
+    matched: std::collections::HashSet<usize>,
 }
 
 impl HubProcess {
@@ -81,15 +83,25 @@ impl HubProcess {
             child,
             lines,
             log: Vec::new(),
+            matched: std::collections::HashSet::new(),
         }
     }
 
-    /// Waits for a log line containing `text`.
+    /// Waits for a log line containing `text` that no earlier wait matched; it may
+    /// have been read already, while waiting for another (the hub logs its parts'
+    /// starts in no fixed order).
     pub async fn wait_for_line(&mut self, text: &str) {
+        let earlier =
+            (0..self.log.len()).find(|i| !self.matched.contains(i) && self.log[*i].contains(text));
+        if let Some(index) = earlier {
+            self.matched.insert(index);
+            return;
+        }
         let found = within(PATIENCE, text, async {
             while let Some(line) = self.lines.recv().await {
                 self.log.push(line.clone());
                 if line.contains(text) {
+                    self.matched.insert(self.log.len() - 1);
                     return true;
                 }
             }

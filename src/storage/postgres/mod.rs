@@ -38,6 +38,7 @@ use crate::credentials::CredentialHash;
 use crate::deadline::{self, Deadlines};
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
+use crate::labels::Labels;
 use crate::registration::{self, NewDevices};
 use crate::rules::{self, Current, Decision, Refresh};
 use crate::status::{self, Signal, Status};
@@ -203,6 +204,7 @@ struct Fields {
     hostname: Vec<Option<String>>,
     os_info: Vec<Option<String>>,
     metrics: Vec<Option<String>>,
+    labels: Vec<Option<String>>,
 }
 
 impl Fields {
@@ -230,10 +232,12 @@ impl Fields {
             .push(json(report.os_info.as_ref().map(serde_json::to_string))?);
         self.metrics
             .push(json(report.metrics.as_ref().map(serde_json::to_string))?);
+        self.labels
+            .push(update.labels.as_ref().map(Labels::to_json));
         Ok(())
     }
 
-    /// Binds the twelve arrays as `$1..$12` of [`unnest_fields!`].
+    /// Binds the thirteen arrays as `$1..$13` of [`unnest_fields!`].
     fn bind<'q>(
         self,
         query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
@@ -251,19 +255,20 @@ impl Fields {
             .bind(self.hostname)
             .bind(self.os_info)
             .bind(self.metrics)
+            .bind(self.labels)
     }
 }
 
-/// The arrays [`Fields::bind`] binds as `$1..$12`, unpacked into named columns of `v`,
+/// The arrays [`Fields::bind`] binds as `$1..$13`, unpacked into named columns of `v`,
 /// followed by any further `array => column` pairs a statement binds after them.
 macro_rules! unnest_fields {
     ($($array:literal => $column:literal),*) => {
         concat!(
             "UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[], $4::bigint[], \
              $5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], \
-             $11::text[], $12::text[]", $(", ", $array,)* ") \
+             $11::text[], $12::text[], $13::text[]", $(", ", $array,)* ") \
              AS v(device_id, seen, device_time, skew, error, interval_ms, uptime, memory, \
-                  firmware, hostname, os_info, metrics", $(", ", $column,)* ")"
+                  firmware, hostname, os_info, metrics, labels", $(", ", $column,)* ")"
         )
     };
 }
@@ -283,7 +288,9 @@ macro_rules! set_fields {
          firmware_version = coalesce(v.firmware, devices.firmware_version), \
          hostname = coalesce(v.hostname, devices.hostname), \
          os_info = coalesce(v.os_info::jsonb, devices.os_info), \
-         metrics = coalesce(v.metrics::jsonb, devices.metrics)"
+         metrics = coalesce(v.metrics::jsonb, devices.metrics), \
+         labels = CASE WHEN v.labels IS NULL THEN devices.labels \
+             ELSE coalesce(devices.labels, '{}'::jsonb) || v.labels::jsonb END"
     };
 }
 
@@ -298,8 +305,8 @@ macro_rules! device_columns {
     () => {
         "device_id, status, last_seen_at, first_seen_at, status_changed_at, registered_at, \
          device_time, clock_skew_ms, error, offline_after_ms, interval_ms, deadline_at, \
-         uptime_seconds, free_memory, firmware_version, hostname, os_info::text AS os_info, \
-         metrics::text AS metrics"
+         labels::text AS labels, uptime_seconds, free_memory, firmware_version, hostname, \
+         os_info::text AS os_info, metrics::text AS metrics"
     };
 }
 
@@ -312,7 +319,7 @@ mod notifications;
 /// another writer changed meanwhile). Returns the ids it could not refresh (the stored
 /// status differs, or the device is unknown): they take the full path.
 /// The deadline is computed in the write from the stored setting and interval, with
-/// the missed beats and default offline_after as `$14` and `$15`.
+/// the missed beats and default offline_after as `$15` and `$16`.
 const REFRESH_STEADY: &str = concat!(
     "UPDATE devices SET ",
     set_fields!(),
@@ -320,11 +327,11 @@ const REFRESH_STEADY: &str = concat!(
     offline_after!(
         "devices.offline_after_ms",
         "coalesce(v.interval_ms, devices.interval_ms)",
-        "$14",
-        "$15"
+        "$15",
+        "$16"
     ),
     " FROM ",
-    unnest_fields!("$13::text[]" => "status"),
+    unnest_fields!("$14::text[]" => "status"),
     " WHERE devices.device_id = v.device_id AND devices.status = v.status \
      RETURNING devices.device_id"
 );
@@ -337,9 +344,9 @@ const UPDATE_DECIDED: &str = concat!(
     set_fields!(),
     " FROM ",
     unnest_fields!(
-        "$13::text[]" => "status",
-        "$14::timestamptz[]" => "changed",
-        "$15::timestamptz[]" => "deadline"
+        "$14::text[]" => "status",
+        "$15::timestamptz[]" => "changed",
+        "$16::timestamptz[]" => "deadline"
     ),
     " WHERE devices.device_id = v.device_id"
 );
@@ -350,14 +357,14 @@ const INSERT_DECIDED: &str = concat!(
     "INSERT INTO devices (device_id, status, last_seen_at, first_seen_at, \
          status_changed_at, registered_at, device_time, clock_skew_ms, error, interval_ms, \
          deadline_at, uptime_seconds, free_memory, firmware_version, hostname, os_info, \
-         metrics) \
+         metrics, labels) \
      SELECT v.device_id, v.status, v.seen, v.seen, v.changed, v.changed, v.device_time, \
          v.skew, v.error, v.interval_ms, v.deadline, v.uptime, v.memory, v.firmware, \
-         v.hostname, v.os_info::jsonb, v.metrics::jsonb FROM ",
+         v.hostname, v.os_info::jsonb, v.metrics::jsonb, v.labels::jsonb FROM ",
     unnest_fields!(
-        "$13::text[]" => "status",
-        "$14::timestamptz[]" => "changed",
-        "$15::timestamptz[]" => "deadline"
+        "$14::text[]" => "status",
+        "$15::timestamptz[]" => "changed",
+        "$16::timestamptz[]" => "deadline"
     ),
     " ON CONFLICT (device_id) DO NOTHING RETURNING device_id"
 );
@@ -648,6 +655,21 @@ impl Store for PgStore {
         Ok(events)
     }
 
+    async fn set_labels(&self, id: &DeviceId, labels: &Labels) -> Result<Device, StoreError> {
+        sqlx::query(concat!(
+            "UPDATE devices SET labels = $2::jsonb WHERE device_id = $1 RETURNING ",
+            device_columns!()
+        ))
+        .bind(id.as_str())
+        .bind(labels.to_json())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(device)
+        .transpose()?
+        .ok_or_else(|| StoreError::NotFound(id.clone()))
+    }
+
     async fn set_offline_after(
         &self,
         id: &DeviceId,
@@ -797,6 +819,17 @@ impl Store for PgStore {
         }
         if let Some(after) = &query.after {
             sql.push(" AND device_id > ").push_bind(after.to_string());
+        }
+        if !query.labels.is_empty() {
+            // No index (see the migration): read in id order until the page is full.
+            let wanted: std::collections::BTreeMap<&str, &str> = query
+                .labels
+                .iter()
+                .map(|l| (l.key.as_str(), l.value.as_str()))
+                .collect();
+            sql.push(" AND labels @> ")
+                .push_bind(serde_json::to_string(&wanted).map_err(corrupt)?)
+                .push("::jsonb");
         }
         sql.push(" ORDER BY device_id LIMIT ")
             .push_bind(i64::from(query.limit));

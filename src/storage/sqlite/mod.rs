@@ -33,6 +33,7 @@ use crate::credentials::CredentialHash;
 use crate::deadline::{self, Deadlines};
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
+use crate::labels::Labels;
 use crate::registration::{self, NewDevices};
 use crate::rules::{self, Current, Decision, Refresh};
 use crate::status::{self, Signal, Status};
@@ -254,7 +255,7 @@ const SELECT_CURRENT: &str = "SELECT device_id, status, last_seen_at, status_cha
 
 const INSERT_DEVICES: &str = "INSERT INTO devices (device_id, status, last_seen_at, \
      first_seen_at, status_changed_at, registered_at, device_time, clock_skew_ms, error, \
-     interval_ms, deadline_at, \
+     interval_ms, deadline_at, labels, \
      uptime_seconds, free_memory, firmware_version, hostname, os_info, metrics) ";
 
 const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
@@ -267,6 +268,8 @@ const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
          error = excluded.error, \
          interval_ms = coalesce(excluded.interval_ms, devices.interval_ms), \
          deadline_at = coalesce(excluded.deadline_at, devices.deadline_at), \
+         labels = coalesce(json_patch(coalesce(devices.labels, '{}'), excluded.labels), \
+             devices.labels), \
          uptime_seconds = coalesce(excluded.uptime_seconds, devices.uptime_seconds), \
          free_memory = coalesce(excluded.free_memory, devices.free_memory), \
          firmware_version = coalesce(excluded.firmware_version, devices.firmware_version), \
@@ -274,8 +277,9 @@ const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
          os_info = coalesce(excluded.os_info, devices.os_info), \
          metrics = coalesce(excluded.metrics, devices.metrics)";
 
-/// `column1..column13` of the VALUES list: id, status, seen, device_time,
-/// clock_skew_ms, error, interval, then the six report columns. The deadline comes
+/// `column1..column14` of the VALUES list: id, status, seen, device_time,
+/// clock_skew_ms, error, interval, the six report columns, labels (merged key by key
+/// into the stored ones). The deadline comes
 /// last, [`offline_after!`] spelled out because its two parameters (missed beats,
 /// default offline_after) are bound here, in text order before the VALUES, by
 /// [`refresh_steady`].
@@ -291,6 +295,8 @@ const REFRESH_STEADY: &str = "UPDATE devices SET \
          hostname = coalesce(v.column11, devices.hostname), \
          os_info = coalesce(v.column12, devices.os_info), \
          metrics = coalesce(v.column13, devices.metrics), \
+         labels = coalesce(json_patch(coalesce(devices.labels, '{}'), v.column14), \
+             devices.labels), \
          deadline_at = coalesce(v.column3, devices.last_seen_at) + coalesce(\
              devices.offline_after_ms, coalesce(v.column7, devices.interval_ms) * ";
 
@@ -315,11 +321,11 @@ macro_rules! device_columns {
     () => {
         "device_id, status, last_seen_at, first_seen_at, status_changed_at, registered_at, \
          device_time, clock_skew_ms, error, offline_after_ms, interval_ms, deadline_at, \
-         uptime_seconds, free_memory, firmware_version, hostname, os_info, metrics"
+         labels, uptime_seconds, free_memory, firmware_version, hostname, os_info, metrics"
     };
 }
 
-/// Largest chunk of rows per statement: 1024 rows of 17 columns stay well under
+/// Largest chunk of rows per statement: 1024 rows of 18 columns stay well under
 /// SQLite's 32,766 bound parameters.
 const MAX_CHUNK: usize = 1024;
 
@@ -364,7 +370,8 @@ async fn upsert_devices(tx: &mut WriteTx, rows: &[rules::Row<'_>]) -> Result<(),
                 .push_bind(row.update.clock_skew_ms)
                 .push_bind(row.error.map(str::to_string))
                 .push_bind(row.update.interval.map(deadline::millis))
-                .push_bind(row.deadline_at.map(Timestamp::unix_millis));
+                .push_bind(row.deadline_at.map(Timestamp::unix_millis))
+                .push_bind(row.update.labels.as_ref().map(Labels::to_json));
             report.bind(&mut values);
         });
         query.push(ON_CONFLICT_UPDATE);
@@ -410,6 +417,7 @@ async fn refresh_steady(
                     .push_bind(refresh.error.map(str::to_string))
                     .push_bind(update.interval.map(deadline::millis));
                 report.bind(&mut values);
+                values.push_bind(update.labels.as_ref().map(Labels::to_json));
             },
         );
         query.push(REFRESH_STEADY_WHERE);
@@ -571,6 +579,31 @@ impl Store for SqliteStore {
         insert_events(&mut tx, &events).await?;
         tx.commit().await?;
         Ok(events)
+    }
+
+    async fn set_labels(&self, id: &DeviceId, labels: &Labels) -> Result<Device, StoreError> {
+        let mut tx = self.write().await?;
+        let written = sqlx::query("UPDATE devices SET labels = ?2 WHERE device_id = ?1")
+            .bind(id.as_str())
+            .bind(labels.to_json())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if written == 0 {
+            tx.rollback().await;
+            return Err(StoreError::NotFound(id.clone()));
+        }
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            device_columns!(),
+            " FROM devices WHERE device_id = ?1"
+        ))
+        .bind(id.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        let written = device(&row)?;
+        tx.commit().await?;
+        Ok(written)
     }
 
     async fn set_offline_after(
@@ -741,6 +774,14 @@ impl Store for SqliteStore {
         }
         if let Some(after) = &query.after {
             sql.push(" AND device_id > ").push_bind(after.to_string());
+        }
+        // Keys are plain (letters, digits, `_ . / -`), so a quoted path is safe. No
+        // index: a label filter reads devices in id order until the page is full.
+        for label in &query.labels {
+            sql.push(" AND json_extract(labels, ")
+                .push_bind(format!("$.\"{}\"", label.key))
+                .push(") = ")
+                .push_bind(label.value.clone());
         }
         sql.push(" ORDER BY device_id LIMIT ")
             .push_bind(query.limit);
