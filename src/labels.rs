@@ -127,6 +127,11 @@ impl Labels {
         self.0.extend(newer.0);
     }
 
+    /// About how much memory the labels take (a batch's bound counts it).
+    pub fn approx_bytes(&self) -> usize {
+        self.0.iter().map(|(k, v)| k.len() + v.len() + 48).sum()
+    }
+
     /// As a JSON object, the way both stores keep it.
     pub fn to_json(&self) -> String {
         // A map of strings always serializes.

@@ -166,6 +166,7 @@ impl DeviceUpdate {
                 .filter_map(|s| s.error.as_ref())
                 .map(String::len)
                 .sum::<usize>()
+            + self.labels.as_ref().map_or(0, Labels::approx_bytes)
             + self
                 .error
                 .as_ref()
