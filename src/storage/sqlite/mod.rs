@@ -279,10 +279,9 @@ const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
 
 /// `column1..column14` of the VALUES list: id, status, seen, device_time,
 /// clock_skew_ms, error, interval, the six report columns, labels (merged key by key
-/// into the stored ones). The deadline comes
-/// last, [`offline_after!`] spelled out because its two parameters (missed beats,
-/// default offline_after) are bound here, in text order before the VALUES, by
-/// [`refresh_steady`].
+/// into the stored ones). The deadline comes last, [`offline_after!`] spelled out:
+/// its two parameters (missed beats, default offline_after) are bound by
+/// [`refresh_steady`] in text order, before the VALUES.
 const REFRESH_STEADY: &str = "UPDATE devices SET \
          last_seen_at = coalesce(v.column3, devices.last_seen_at), \
          device_time = coalesce(v.column4, devices.device_time), \
