@@ -137,6 +137,25 @@ async fn a_devices_offline_after_is_checked_and_null_clears_it() {
     assert_eq!(status, StatusCode::OK, "naming nothing changes nothing");
     assert_eq!(unchanged["offline_after"], Value::Null);
 
+    // The OpenAPI document states the grammar the parser accepts (a literal there,
+    // checked against the parser's own pattern here and in deadline.rs's tests).
+    let doc = app.get_json("/api/v1/openapi.json").await;
+    assert_eq!(
+        doc["components"]["schemas"]["DeviceChange"]["properties"]["offline_after"]["pattern"],
+        json!(fleetwatch::deadline::DURATION_PATTERN)
+    );
+    let list_params = doc["paths"]["/api/v1/devices"]["get"]["parameters"]
+        .as_array()
+        .expect("parameters");
+    let label = list_params
+        .iter()
+        .find(|p| p["name"] == "label")
+        .expect("a label parameter");
+    assert_eq!(
+        label["schema"]["pattern"],
+        json!(fleetwatch::labels::FILTER_PATTERN)
+    );
+
     let (_, set) = patch(&app, "pump-1", json!({"offline_after": "1h"})).await;
     assert_eq!(set["offline_after"], json!("1h"));
     let (_, cleared) = patch(&app, "pump-1", json!({"offline_after": null})).await;
