@@ -42,6 +42,7 @@ pub(crate) fn fleet(
         error_rate: 0.0,
         lwt: false,
         declare_interval: false,
+        labels: Vec::new(),
     }
 }
 

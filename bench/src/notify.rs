@@ -143,6 +143,7 @@ fn fleet(
         error_rate,
         lwt: false,
         declare_interval: false,
+        labels: Vec::new(),
     })
 }
 

@@ -27,6 +27,8 @@ pub struct DeviceConfig {
     pub connect_timeout: Duration,
     /// Say `interval` in every heartbeat, so the hub knows when a beat is missed.
     pub declare_interval: bool,
+    /// Labels every heartbeat declares, `(key, value)`.
+    pub labels: Vec<(String, String)>,
 }
 
 impl DeviceConfig {
@@ -40,7 +42,14 @@ impl DeviceConfig {
             keep_alive: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             declare_interval: false,
+            labels: Vec::new(),
         }
+    }
+
+    /// Declares `key: value` in every heartbeat (adds to any given before).
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
     }
 
     pub fn declare_interval(mut self, declare: bool) -> Self {
@@ -253,6 +262,7 @@ impl Beater {
             self.started.elapsed().as_secs(),
             self.error.as_deref(),
             self.config.declare_interval.then_some(self.config.interval),
+            &self.config.labels,
         );
         let topic = format!("devices/{}/heartbeat", self.config.id);
         self.client

@@ -36,6 +36,8 @@ pub struct FleetConfig {
     pub lwt: bool,
     /// Every heartbeat says `interval`, so the hub knows when beats are missed.
     pub declare_interval: bool,
+    /// Labels every device's heartbeats declare, `(key, value)`.
+    pub labels: Vec<(String, String)>,
 }
 
 impl FleetConfig {
@@ -182,6 +184,7 @@ async fn run_connection(
             uptime,
             error,
             config.declare_interval.then_some(config.interval),
+            &config.labels,
         );
         match client
             .publish(
@@ -238,6 +241,7 @@ mod tests {
             error_rate: 0.0,
             lwt: false,
             declare_interval: false,
+            labels: Vec::new(),
         };
         assert_eq!(config.device_id(7), "sim-007");
         assert_eq!(config.device_id(999), "sim-999");

@@ -48,9 +48,20 @@ struct Args {
     /// heartbeat.missed_beats of them are missing, instead of its fleet-wide default.
     #[arg(long)]
     declare_interval: bool,
+    /// A label every heartbeat declares, KEY:VALUE (repeat for several), so the hub
+    /// can list the simulated fleet by it (`GET /api/v1/devices?label=KEY:VALUE`).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
     /// Stop after this long (default: run until Ctrl-C).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once(':')
+        .filter(|(key, value)| !key.is_empty() && !value.is_empty())
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .ok_or_else(|| format!("{text:?} is not KEY:VALUE"))
 }
 
 #[tokio::main]
@@ -93,6 +104,7 @@ async fn main() -> ExitCode {
         error_rate: args.error_rate,
         lwt: args.lwt,
         declare_interval: args.declare_interval,
+        labels: args.labels,
     };
     let connections = config.connections.clamp(1, config.devices);
     println!(

@@ -75,6 +75,7 @@ pub fn fleet(url: &BrokerUrl, prefix: &str, devices: u64, interval: Duration) ->
         error_rate: 0.0,
         lwt: false,
         declare_interval: false,
+        labels: Vec::new(),
     })
 }
 

@@ -38,14 +38,15 @@ async fn labels_from_heartbeats_and_the_api_filter_the_fleet() {
         .await
         .expect("request");
     assert_eq!(response.status(), StatusCode::OK);
-    // Over MQTT.
+    // Over MQTT: a simulated device declaring its labels, and raw messages.
+    let config = firmware_sim::DeviceConfig::new(app.url.clone(), "pump-2")
+        .interval(std::time::Duration::from_secs(3600))
+        .label("site", "south")
+        .label("kind", "pump");
+    let _pump = firmware_sim::SimDevice::start(config)
+        .await
+        .expect("device connects");
     let raw = app.raw("labeller").await;
-    raw.publish(
-        "devices/pump-2/heartbeat",
-        r#"{"labels":{"site":"south","kind":"pump"}}"#,
-    )
-    .await
-    .expect("publish");
     raw.publish(
         "devices/valve-1/heartbeat",
         r#"{"labels":{"site":"north","kind":"valve"}}"#,

@@ -22,6 +22,7 @@ async fn a_finished_fleet_has_delivered_every_heartbeat_it_counted_as_sent() {
         error_rate: 0.0,
         lwt: true,
         declare_interval: false,
+        labels: Vec::new(),
     });
     let stats = Arc::clone(&fleet.stats);
     eventually(PATIENCE, "the fleet to send", || async {
