@@ -66,9 +66,9 @@ pub struct StoredEvent {
 mod tests {
     use super::*;
 
-    #[test]
-    fn json_has_the_documented_shape() {
-        let event = StatusEvent {
+    /// pump-7, online since 10:00, gone offline at 10:03.
+    fn offline_event() -> StatusEvent {
+        StatusEvent {
             event_id: Uuid::nil(),
             device_id: DeviceId::parse("pump-7").expect("valid"),
             status: Status::Offline,
@@ -77,7 +77,12 @@ mod tests {
             last_seen_at: Some(Timestamp::parse_rfc3339("2026-11-22T10:00:00Z").expect("ts")),
             changed_at: Timestamp::parse_rfc3339("2026-11-22T10:03:00Z").expect("ts"),
             error: None,
-        };
+        }
+    }
+
+    #[test]
+    fn json_has_the_documented_shape() {
+        let event = offline_event();
         let json: serde_json::Value = serde_json::from_slice(&event.to_json()).expect("json");
         assert_eq!(
             json,
@@ -98,14 +103,11 @@ mod tests {
     #[test]
     fn an_error_event_carries_its_text_and_others_leave_the_field_out() {
         let event = StatusEvent {
-            event_id: Uuid::nil(),
-            device_id: DeviceId::parse("pump-7").expect("valid"),
             status: Status::Error,
-            previous_status: Some(Status::Online),
             reason: Reason::DeviceError,
-            last_seen_at: Some(Timestamp::parse_rfc3339("2026-11-22T10:00:00Z").expect("ts")),
             changed_at: Timestamp::parse_rfc3339("2026-11-22T10:00:00Z").expect("ts"),
             error: Some("disk full".into()),
+            ..offline_event()
         };
         let json: serde_json::Value = serde_json::from_slice(&event.to_json()).expect("json");
         assert_eq!(

@@ -105,8 +105,6 @@ pub struct Row<'a> {
     pub status_changed_at: Timestamp,
     /// Written as is: `None` clears it.
     pub error: Option<&'a str>,
-    /// `last_seen_at` as written: the later of the update's and the stored one.
-    pub last_seen_at: Option<Timestamp>,
     /// When the device goes offline if it stays silent (`None`: never heard from).
     pub deadline_at: Option<Timestamp>,
 }
@@ -175,6 +173,7 @@ pub fn decide<'a>(
             Some(set) => set.as_deref(),
             None => stored.and_then(|c| c.error.as_deref()),
         };
+        // `last_seen_at` as written: the later of the update's and the stored one.
         let last_seen_at = update.last_seen.max(stored.and_then(|c| c.last_seen_at));
         let own = stored.and_then(|c| c.offline_after);
         let interval = update.interval.or(stored.and_then(|c| c.interval));
@@ -183,7 +182,6 @@ pub fn decide<'a>(
             status,
             status_changed_at,
             error,
-            last_seen_at,
             deadline_at: last_seen_at.map(|seen| deadlines.deadline(seen, own, interval)),
         });
     }

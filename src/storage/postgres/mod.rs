@@ -552,6 +552,13 @@ async fn lock_outbox(tx: &mut PgConnection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The device an `UPDATE … RETURNING` of one device returned; none: it does not exist.
+fn updated_device(row: Option<&PgRow>, id: &DeviceId) -> Result<Device, StoreError> {
+    row.map(device)
+        .transpose()?
+        .ok_or_else(|| StoreError::NotFound(id.clone()))
+}
+
 async fn count_devices(tx: &mut PgConnection) -> Result<u64, StoreError> {
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM devices")
         .fetch_one(&mut *tx)
@@ -656,18 +663,15 @@ impl Store for PgStore {
     }
 
     async fn set_labels(&self, id: &DeviceId, labels: &Labels) -> Result<Device, StoreError> {
-        sqlx::query(concat!(
+        let row = sqlx::query(concat!(
             "UPDATE devices SET labels = $2::jsonb WHERE device_id = $1 RETURNING ",
             device_columns!()
         ))
         .bind(id.as_str())
         .bind(labels.to_json())
         .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(device)
-        .transpose()?
-        .ok_or_else(|| StoreError::NotFound(id.clone()))
+        .await?;
+        updated_device(row.as_ref(), id)
     }
 
     async fn set_offline_after(
@@ -675,7 +679,7 @@ impl Store for PgStore {
         id: &DeviceId,
         offline_after: Option<Duration>,
     ) -> Result<Device, StoreError> {
-        sqlx::query(concat!(
+        let row = sqlx::query(concat!(
             "UPDATE devices SET offline_after_ms = $2::bigint, deadline_at = last_seen_at + ",
             offline_after!("$2::bigint", "interval_ms", "$3", "$4"),
             " WHERE device_id = $1 RETURNING ",
@@ -686,11 +690,8 @@ impl Store for PgStore {
         .bind(self.deadlines.missed_beats_i64())
         .bind(self.deadlines.default_ms())
         .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(device)
-        .transpose()?
-        .ok_or_else(|| StoreError::NotFound(id.clone()))
+        .await?;
+        updated_device(row.as_ref(), id)
     }
 
     async fn register(

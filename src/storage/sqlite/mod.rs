@@ -268,8 +268,8 @@ const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
          error = excluded.error, \
          interval_ms = coalesce(excluded.interval_ms, devices.interval_ms), \
          deadline_at = coalesce(excluded.deadline_at, devices.deadline_at), \
-         labels = coalesce(json_patch(coalesce(devices.labels, '{}'), excluded.labels), \
-             devices.labels), \
+         labels = CASE WHEN excluded.labels IS NULL THEN devices.labels \
+             ELSE json_patch(coalesce(devices.labels, '{}'), excluded.labels) END, \
          uptime_seconds = coalesce(excluded.uptime_seconds, devices.uptime_seconds), \
          free_memory = coalesce(excluded.free_memory, devices.free_memory), \
          firmware_version = coalesce(excluded.firmware_version, devices.firmware_version), \
@@ -294,8 +294,8 @@ const REFRESH_STEADY: &str = "UPDATE devices SET \
          hostname = coalesce(v.column11, devices.hostname), \
          os_info = coalesce(v.column12, devices.os_info), \
          metrics = coalesce(v.column13, devices.metrics), \
-         labels = coalesce(json_patch(coalesce(devices.labels, '{}'), v.column14), \
-             devices.labels), \
+         labels = CASE WHEN v.column14 IS NULL THEN devices.labels \
+             ELSE json_patch(coalesce(devices.labels, '{}'), v.column14) END, \
          deadline_at = coalesce(v.column3, devices.last_seen_at) + coalesce(\
              devices.offline_after_ms, coalesce(v.column7, devices.interval_ms) * ";
 
@@ -488,6 +488,22 @@ async fn insert_events(tx: &mut WriteTx, events: &[StatusEvent]) -> Result<(), S
     Ok(())
 }
 
+/// Ends a write that changed one device and returned its row: commits and decodes
+/// it, or, when no row matched, rolls back and says the device does not exist.
+async fn updated_device(
+    tx: WriteTx,
+    row: Option<SqliteRow>,
+    id: &DeviceId,
+) -> Result<Device, StoreError> {
+    let Some(row) = row else {
+        tx.rollback().await;
+        return Err(StoreError::NotFound(id.clone()));
+    };
+    let written = device(&row)?;
+    tx.commit().await?;
+    Ok(written)
+}
+
 async fn count_devices(tx: &mut WriteTx) -> Result<u64, StoreError> {
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM devices")
         .fetch_one(&mut **tx)
@@ -582,27 +598,15 @@ impl Store for SqliteStore {
 
     async fn set_labels(&self, id: &DeviceId, labels: &Labels) -> Result<Device, StoreError> {
         let mut tx = self.write().await?;
-        let written = sqlx::query("UPDATE devices SET labels = ?2 WHERE device_id = ?1")
-            .bind(id.as_str())
-            .bind(labels.to_json())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if written == 0 {
-            tx.rollback().await;
-            return Err(StoreError::NotFound(id.clone()));
-        }
         let row = sqlx::query(concat!(
-            "SELECT ",
-            device_columns!(),
-            " FROM devices WHERE device_id = ?1"
+            "UPDATE devices SET labels = ?2 WHERE device_id = ?1 RETURNING ",
+            device_columns!()
         ))
         .bind(id.as_str())
-        .fetch_one(&mut *tx)
+        .bind(labels.to_json())
+        .fetch_optional(&mut *tx)
         .await?;
-        let written = device(&row)?;
-        tx.commit().await?;
-        Ok(written)
+        updated_device(tx, row, id).await
     }
 
     async fn set_offline_after(
@@ -611,34 +615,19 @@ impl Store for SqliteStore {
         offline_after: Option<Duration>,
     ) -> Result<Device, StoreError> {
         let mut tx = self.write().await?;
-        let own = offline_after.map(deadline::millis);
-        let written = sqlx::query(concat!(
+        let row = sqlx::query(concat!(
             "UPDATE devices SET offline_after_ms = ?2, deadline_at = last_seen_at + ",
             offline_after!("?2", "interval_ms", "?3", "?4"),
-            " WHERE device_id = ?1"
+            " WHERE device_id = ?1 RETURNING ",
+            device_columns!()
         ))
         .bind(id.as_str())
-        .bind(own)
+        .bind(offline_after.map(deadline::millis))
         .bind(self.deadlines.missed_beats_i64())
         .bind(self.deadlines.default_ms())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if written == 0 {
-            tx.rollback().await;
-            return Err(StoreError::NotFound(id.clone()));
-        }
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            device_columns!(),
-            " FROM devices WHERE device_id = ?1"
-        ))
-        .bind(id.as_str())
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        let written = device(&row)?;
-        tx.commit().await?;
-        Ok(written)
+        updated_device(tx, row, id).await
     }
 
     async fn register(
