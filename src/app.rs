@@ -38,6 +38,7 @@ use crate::mqtt::logins::{HubLogin, Logins};
 use crate::mqtt::publisher::{DRAIN_TIMEOUT, Publisher};
 use crate::mqtt::subscriber::Subscriber;
 use crate::mqtt::{Endpoint, broker_packet_limit};
+use crate::notify::policy::StoreFacts;
 use crate::notify::{Pacing, Sinks};
 use crate::open_files::{self, Budget};
 use crate::storage::leader::Leadership;
@@ -101,6 +102,8 @@ impl Application {
         let sinks = Sinks::new(
             settings.sinks()?,
             Arc::clone(&stores.notifications),
+            Arc::new(StoreFacts(Arc::clone(&stores.devices))),
+            settings.policy()?,
             clock.clone(),
             Pacing {
                 retry_max: settings.notify.retry_max,

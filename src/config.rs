@@ -51,6 +51,25 @@ pub struct NotifySettings {
     /// dead letters.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// Transitions of one kind and group within this window (it opens with the
+    /// group's first) are sent together; 0s: no waiting.
+    #[serde(with = "humantime_serde")]
+    pub group_wait: Duration,
+    /// The labels whose values make a group (none: the whole fleet is one).
+    /// (`FLEETWATCH_NOTIFY__GROUP_BY=site,kind` in the environment.)
+    #[serde(default, deserialize_with = "list_or_commas")]
+    pub group_by: Vec<String>,
+    /// A group of at least this many transitions is one message; 0: never group.
+    pub group_threshold: u32,
+    /// An offline or error is told only if the device is still down this long after.
+    #[serde(with = "humantime_serde")]
+    pub min_offline: Duration,
+    /// Remind of a device still down this often after it was told (none: never).
+    #[serde(default, with = "humantime_serde")]
+    pub repeat_after: Option<Duration>,
+    /// The dashboard's address as people reach it, for links in grouped messages.
+    #[serde(default)]
+    pub dashboard_url: Option<String>,
     #[serde(default)]
     pub sinks: Vec<SinkSettings>,
 }
@@ -184,9 +203,9 @@ impl<'de> Deserialize<'de> for BrokerMode {
 
 /// A TOML array of strings, or one string of comma-separated values (as an
 /// environment variable gives it).
-fn list_or_commas<'de, D: serde::Deserializer<'de>>(
+fn list_or_commas<'de, D: serde::Deserializer<'de>, T: From<String>>(
     deserializer: D,
-) -> Result<Vec<Secret>, D::Error> {
+) -> Result<Vec<T>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum ListOrString {
@@ -198,7 +217,7 @@ fn list_or_commas<'de, D: serde::Deserializer<'de>>(
         ListOrString::String(text) if text.trim().is_empty() => Vec::new(),
         ListOrString::String(text) => text.split(',').map(|s| s.trim().to_string()).collect(),
     };
-    Ok(items.into_iter().map(Secret::new).collect())
+    Ok(items.into_iter().map(T::from).collect())
 }
 
 /// Socket addresses with a message that shows the value and the expected form.
@@ -364,6 +383,12 @@ impl Secret {
     }
 }
 
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(***)")
@@ -425,6 +450,12 @@ impl Default for Settings {
                 retry_max: Duration::from_secs(60),
                 timeout: Duration::from_secs(10),
                 max_age: Duration::from_secs(24 * 3600),
+                group_wait: Duration::from_secs(10),
+                group_by: Vec::new(),
+                group_threshold: 10,
+                min_offline: Duration::ZERO,
+                repeat_after: None,
+                dashboard_url: None,
                 sinks: Vec::new(),
             },
         }
@@ -622,6 +653,7 @@ impl Settings {
             ));
         }
         self.sinks()?;
+        self.policy()?;
         match self.mqtt.broker {
             BrokerMode::External => {
                 self.external_broker()?;
@@ -721,6 +753,72 @@ impl Settings {
             specs.push(spec);
         }
         Ok(specs)
+    }
+
+    /// The alert policy (`notify.group_*`, `min_offline`, `repeat_after`), checked.
+    pub fn policy(&self) -> Result<crate::notify::policy::PolicySettings, ConfigError> {
+        let n = &self.notify;
+        for (key, value, max) in [
+            ("notify.group_wait", n.group_wait, Duration::from_secs(3600)),
+            (
+                "notify.min_offline",
+                n.min_offline,
+                Duration::from_secs(86_400),
+            ),
+        ] {
+            if value > max {
+                return Err(ConfigError::key(
+                    key,
+                    format!(
+                        "{} is over {}",
+                        humantime::format_duration(value),
+                        humantime::format_duration(max)
+                    ),
+                ));
+            }
+        }
+        if let Some(every) = n.repeat_after
+            && (every < Duration::from_secs(1) || every > Duration::from_secs(30 * 86_400))
+        {
+            return Err(ConfigError::key(
+                "notify.repeat_after",
+                "must be between 1s and 30days (leave it out for no reminders)",
+            ));
+        }
+        if n.group_threshold > 1_000_000 {
+            return Err(ConfigError::key(
+                "notify.group_threshold",
+                format!(
+                    "{} is out of range (0 to 1000000; 0: never group)",
+                    n.group_threshold
+                ),
+            ));
+        }
+        if n.group_by.len() > crate::labels::MAX_LABELS
+            || n.group_by.iter().any(|k| !crate::labels::valid_key(k))
+        {
+            return Err(ConfigError::key(
+                "notify.group_by",
+                "label keys (letters, digits, _ . / -; at most 16)",
+            ));
+        }
+        if let Some(url) = &n.dashboard_url
+            && !matches!(reqwest::Url::parse(url), Ok(u) if matches!(u.scheme(), "http" | "https"))
+        {
+            return Err(ConfigError::key(
+                "notify.dashboard_url",
+                format!("{url:?} is not an http(s) address"),
+            ));
+        }
+        Ok(crate::notify::policy::PolicySettings {
+            group_wait: n.group_wait,
+            group_by: n.group_by.clone(),
+            group_threshold: n.group_threshold,
+            min_offline: n.min_offline,
+            repeat_after: n.repeat_after,
+            dashboard_url: n.dashboard_url.clone(),
+            deadlines: self.heartbeat.deadlines(),
+        })
     }
 
     /// `mqtt.url`, parsed.
@@ -1275,6 +1373,69 @@ mod tests {
             .to_string();
         assert!(error.contains("ofline_after"), "{error}");
         assert!(!error.contains('\n'), "{error}");
+    }
+
+    #[test]
+    fn the_alert_policy_loads_and_a_bad_value_names_its_key() {
+        let settings = load(&[
+            ("FLEETWATCH_NOTIFY__GROUP_BY", "site,kind"),
+            ("FLEETWATCH_NOTIFY__GROUP_WAIT", "30s"),
+            ("FLEETWATCH_NOTIFY__GROUP_THRESHOLD", "50"),
+            ("FLEETWATCH_NOTIFY__MIN_OFFLINE", "1m"),
+            ("FLEETWATCH_NOTIFY__REPEAT_AFTER", "4h"),
+            (
+                "FLEETWATCH_NOTIFY__DASHBOARD_URL",
+                "https://fleet.example.com",
+            ),
+        ])
+        .expect("loads");
+        let policy = settings.policy().expect("valid");
+        assert_eq!(policy.group_by, ["site", "kind"]);
+        assert_eq!(policy.group_wait, Duration::from_secs(30));
+        assert_eq!(policy.group_threshold, 50);
+        assert_eq!(policy.min_offline, Duration::from_secs(60));
+        assert_eq!(policy.repeat_after, Some(Duration::from_secs(4 * 3600)));
+        let defaults = load(&[]).expect("loads").policy().expect("valid");
+        assert_eq!(
+            (
+                defaults.group_wait,
+                defaults.group_threshold,
+                defaults.repeat_after
+            ),
+            (Duration::from_secs(10), 10, None)
+        );
+        for (var, value, key) in [
+            (
+                "FLEETWATCH_NOTIFY__GROUP_BY",
+                "site,no way",
+                "notify.group_by",
+            ),
+            ("FLEETWATCH_NOTIFY__GROUP_WAIT", "2h", "notify.group_wait"),
+            (
+                "FLEETWATCH_NOTIFY__GROUP_THRESHOLD",
+                "2000000",
+                "notify.group_threshold",
+            ),
+            (
+                "FLEETWATCH_NOTIFY__MIN_OFFLINE",
+                "2days",
+                "notify.min_offline",
+            ),
+            (
+                "FLEETWATCH_NOTIFY__REPEAT_AFTER",
+                "0s",
+                "notify.repeat_after",
+            ),
+            (
+                "FLEETWATCH_NOTIFY__DASHBOARD_URL",
+                "fleet",
+                "notify.dashboard_url",
+            ),
+        ] {
+            let error = load(&[(var, value)]).expect_err(var).to_string();
+            assert!(error.contains(key), "{var}={value}: {error}");
+            assert!(!error.contains('\n'), "{error}");
+        }
     }
 
     #[test]

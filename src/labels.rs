@@ -74,7 +74,7 @@ pub enum LabelError {
 }
 
 /// What [`KEY_PATTERN`] says.
-fn valid_key(key: &str) -> bool {
+pub fn valid_key(key: &str) -> bool {
     (1..=MAX_KEY).contains(&key.len())
         && key
             .bytes()

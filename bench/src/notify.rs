@@ -111,15 +111,16 @@ async fn receive(
 /// A configuration file with a webhook sink to each receiver, named as given.
 fn config(dir: &Path, name: &str, sinks: &[(&str, &Receiver)]) -> Result<std::path::PathBuf> {
     let path = dir.join(format!("{name}.toml"));
-    let text: String = sinks
-        .iter()
-        .map(|(sink, receiver)| {
+    // Each device's transition its own message: this measures delivery, not grouping
+    // (bench/src/grouping.rs measures that).
+    let text: String = std::iter::once("[notify]\ngroup_threshold = 0\n\n".to_string())
+        .chain(sinks.iter().map(|(sink, receiver)| {
             format!(
                 "[[notify.sinks]]\nname = \"{sink}\"\nkind = \"webhook\"\n\
                  url = \"http://{}/hooks\"\nsecret = \"{SECRET}\"\n\n",
                 receiver.addr
             )
-        })
+        }))
         .collect();
     std::fs::write(&path, text)?;
     Ok(path)

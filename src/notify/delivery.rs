@@ -13,6 +13,7 @@
 //! 4xx, and anything older than `notify.max_age`, go to the dead letters, and that
 //! device's next notification moves up.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -28,8 +29,11 @@ use tokio_util::sync::CancellationToken;
 use super::SinkSpec;
 use super::filter::is_recovery;
 use super::message::{Message, Notice};
+use super::policy::{Decided, Engine, Facts, Known, PolicySettings};
 use super::target::Outcome;
 use crate::clock::{Clock, Timestamp};
+use crate::device::DeviceId;
+use crate::event::StoredEvent;
 use crate::health::Outage;
 use crate::storage::StoreError;
 use crate::storage::notifications::{NewNotification, NotificationStore, Payload, Queued, Settled};
@@ -64,6 +68,9 @@ pub struct Sinks {
     sinks: Vec<Arc<Sink>>,
     /// The event log and the sinks' queues: a notice is made from the event alone.
     store: Arc<dyn NotificationStore>,
+    /// What the alert policy reads of the devices and the silences.
+    facts: Arc<dyn Facts>,
+    policy: PolicySettings,
     clock: Clock,
     pacing: Pacing,
     client: reqwest::Client,
@@ -136,6 +143,8 @@ impl Sinks {
     pub async fn new(
         specs: Vec<SinkSpec>,
         store: Arc<dyn NotificationStore>,
+        facts: Arc<dyn Facts>,
+        policy: PolicySettings,
         clock: Clock,
         pacing: Pacing,
     ) -> Result<Arc<Self>, StoreError> {
@@ -165,6 +174,8 @@ impl Sinks {
         Ok(Arc::new(Self {
             sinks,
             store,
+            facts,
+            policy,
             clock,
             pacing,
             client,
@@ -387,6 +398,8 @@ impl Sinks {
         };
         let mut run = Run {
             cursor,
+            read: cursor,
+            engine: Some(Engine::new(self.policy.clone())),
             ..Run::default()
         };
         let mut tick = time::interval(POLL);
@@ -455,8 +468,19 @@ impl Sinks {
 
     /// Takes new transitions in, loads what is due, and sends up to the sink's share.
     async fn step(&self, sink: &Arc<Sink>, run: &mut Run) -> Result<(), StoreError> {
-        if std::mem::take(&mut run.new_events) && self.take_new(sink, &mut run.cursor).await? {
-            run.due_in_store = true;
+        if std::mem::take(&mut run.new_events) {
+            match self.take_new(sink, run).await {
+                Ok(true) => run.due_in_store = true,
+                Ok(false) => {}
+                Err(e) => {
+                    // What the policy held is decided again from the sink's cursor.
+                    if let Some(engine) = run.engine.as_mut() {
+                        engine.reset();
+                    }
+                    run.read = run.cursor;
+                    return Err(e);
+                }
+            }
         }
         // Loaded before the queue runs dry, so the requests in flight never wait for
         // the store.
@@ -492,42 +516,86 @@ impl Sinks {
         Ok(())
     }
 
-    /// Queues the transitions committed after `cursor` that the sink's filter matches;
-    /// true if it queued any.
-    async fn take_new(&self, sink: &Sink, cursor: &mut i64) -> Result<bool, StoreError> {
+    /// Reads the transitions committed after what the sink has read, gives those its
+    /// filter matches to the alert policy, and queues what the policy decides, moving
+    /// the sink's cursor up to the oldest transition the policy still holds; true if
+    /// it queued any.
+    async fn take_new(&self, sink: &Sink, run: &mut Run) -> Result<bool, StoreError> {
         let store = &self.store;
         let name = &sink.spec.name;
+        let mut engine = run
+            .engine
+            .take()
+            .unwrap_or_else(|| Engine::new(self.policy.clone()));
         if sink.reload.swap(false, Relaxed) {
-            *cursor = store.sink_state(name).await?.0;
+            run.cursor = store.sink_state(name).await?.0;
+            run.read = run.cursor;
+            engine.reset();
         }
+        let result = self.take_with(sink, run, &mut engine).await;
+        run.engine = Some(engine);
+        result
+    }
+
+    async fn take_with(
+        &self,
+        sink: &Sink,
+        run: &mut Run,
+        engine: &mut Engine,
+    ) -> Result<bool, StoreError> {
+        let store = &self.store;
+        let name = &sink.spec.name;
         let mut queued = false;
         loop {
-            let events = store.events_after(*cursor, PAGE).await?;
-            let Some(last) = events.last().map(|e| e.seq) else {
-                return Ok(queued);
-            };
-            let mut items = Vec::new();
-            for stored in events.iter().filter(|e| sink.spec.filter.matches(&e.event)) {
-                let notice = self.notice(stored).await?;
-                items.push(NewNotification {
-                    event_seq: stored.seq,
-                    payload: Payload {
-                        device_id: notice.event.device_id.clone(),
-                        event_id: notice.event.event_id,
-                        kind: notice.kind().to_string(),
-                        body: sink.spec.target.render(Message::Notice(&notice)),
-                    },
-                });
+            let events = store.events_after(run.read, PAGE).await?;
+            let matched: Vec<&StoredEvent> = events
+                .iter()
+                .filter(|e| sink.spec.filter.matches(&e.event))
+                .collect();
+            if !matched.is_empty() {
+                let mut ids: Vec<DeviceId> =
+                    matched.iter().map(|e| e.event.device_id.clone()).collect();
+                ids.sort();
+                ids.dedup();
+                let known: HashMap<DeviceId, Known> = self
+                    .facts
+                    .devices(&ids)
+                    .await?
+                    .iter()
+                    .map(|d| (d.device_id.clone(), Known::of(d, &self.policy.deadlines)))
+                    .collect();
+                for stored in matched {
+                    let notice = self.notice(stored).await?;
+                    let known = known
+                        .get(&stored.event.device_id)
+                        .cloned()
+                        .unwrap_or_default();
+                    engine.observe(stored, notice, known);
+                }
             }
-            if store
-                .enqueue(name, *cursor, last, &items, self.clock.now())
-                .await?
-            {
-                *cursor = last;
-                queued |= !items.is_empty();
-            } else {
-                // Another process moved the cursor: start from where it left it.
-                *cursor = store.sink_state(name).await?.0;
+            if let Some(last) = events.last() {
+                run.read = last.seq;
+            }
+            let now = self.clock.now();
+            let decided = engine.pass(now, self.facts.as_ref()).await?;
+            let items: Vec<NewNotification> = decided
+                .iter()
+                .filter_map(|d| render(&sink.spec, d))
+                .collect();
+            let to = engine
+                .oldest_held()
+                .map_or(run.read, |seq| seq - 1)
+                .max(run.cursor);
+            if to != run.cursor || !items.is_empty() {
+                if store.enqueue(name, run.cursor, to, &items, now).await? {
+                    run.cursor = to;
+                    queued |= !items.is_empty();
+                } else {
+                    // Another process moved the cursor: start from where it left it.
+                    run.cursor = store.sink_state(name).await?.0;
+                    run.read = run.cursor;
+                    engine.reset();
+                }
             }
             if events.len() < PAGE as usize {
                 return Ok(queued);
@@ -547,6 +615,8 @@ impl Sinks {
         Ok(Notice {
             event: event.clone(),
             down_since,
+            behind: None,
+            reminder: None,
         })
     }
 
@@ -664,8 +734,12 @@ impl Sinks {
 
 /// A sink loop's state.
 struct Run {
-    /// Its position in the event log.
+    /// Its position in the event log: everything up to it is decided (stored).
     cursor: i64,
+    /// Read up to here; what lies between `cursor` and here the policy holds.
+    read: i64,
+    /// The alert policy (taken out while it works).
+    engine: Option<Engine>,
     /// The log may hold transitions past `cursor`.
     new_events: bool,
     /// The store may hold due notifications not loaded into `queue`.
@@ -687,6 +761,8 @@ impl Default for Run {
     fn default() -> Self {
         Self {
             cursor: 0,
+            read: 0,
+            engine: None,
             new_events: true,
             due_in_store: true,
             queue: Default::default(),
@@ -705,6 +781,43 @@ impl Run {
     fn look_again(&mut self) {
         self.new_events = true;
         self.due_in_store = true;
+    }
+}
+
+/// A decided message as the sink's queue holds it.
+fn render(spec: &SinkSpec, decided: &Decided) -> Option<NewNotification> {
+    Some(match decided {
+        Decided::One { key, notice } => NewNotification {
+            event_seq: *key,
+            payload: Payload {
+                device_id: notice.event.device_id.clone(),
+                event_id: notice_id(*key, notice),
+                kind: notice.kind().to_string(),
+                body: spec.target.render(Message::Notice(notice)),
+            },
+        },
+        Decided::Group { key, notice } => {
+            let first = notice.events.first()?;
+            NewNotification {
+                event_seq: *key,
+                payload: Payload {
+                    // Queued in the order of its first member's device.
+                    device_id: first.event.device_id.clone(),
+                    event_id: notice_id(*key, first),
+                    kind: notice.kind(),
+                    body: spec.target.render(Message::Group(notice)),
+                },
+            }
+        }
+    })
+}
+
+/// A message's idempotency key: its transition's event id, or for a reminder one
+/// made from it and the reminder's number.
+fn notice_id(key: i64, notice: &Notice) -> uuid::Uuid {
+    match notice.reminder {
+        None => notice.event.event_id,
+        Some(_) => uuid::Uuid::new_v5(&notice.event.event_id, &key.to_be_bytes()),
     }
 }
 

@@ -19,6 +19,34 @@ pub struct Notice {
     /// For a recovery: when the device went offline or into error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub down_since: Option<Timestamp>,
+    /// For a parent gone offline: the devices that name it (unreachable behind it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behind: Option<Behind>,
+    /// For a reminder (`notify.repeat_after`): which one, from 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reminder: Option<u32>,
+}
+
+/// The devices behind a parent: how many, and the first few ids.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Behind {
+    pub count: u64,
+    pub first: Vec<crate::device::DeviceId>,
+}
+
+/// Transitions of one kind, grouped (`notify.group_threshold` or more within
+/// `notify.group_wait`): one message for all of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupNotice {
+    /// The members' kind (`device.offline`, ...).
+    pub member_kind: String,
+    pub count: usize,
+    /// The labels of `notify.group_by` the members share (empty: the whole fleet).
+    pub group: std::collections::BTreeMap<String, String>,
+    /// The dashboard, filtered to the group, when `notify.dashboard_url` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dashboard_url: Option<String>,
+    pub events: Vec<Notice>,
 }
 
 /// The webhook body: Standard Webhooks' `{"type", "timestamp", "data"}`.
@@ -39,9 +67,12 @@ struct Data<'a> {
 }
 
 impl Notice {
-    /// `device.offline`, `device.error`, `device.recovered`, `device.online` or
-    /// `device.provisioning`.
+    /// `device.offline`, `device.error`, `device.recovered`, `device.online`,
+    /// `device.provisioning`, or `device.still_down` for a reminder.
     pub fn kind(&self) -> &'static str {
+        if self.reminder.is_some() {
+            return "device.still_down";
+        }
         match self.event.status {
             Status::Offline => "device.offline",
             Status::Error => "device.error",
@@ -92,7 +123,23 @@ impl Notice {
                     Reason::ConnectionLost => "its connection dropped (MQTT Last Will)",
                     _ => "no heartbeat within its deadline",
                 };
-                format!("🔴 {id} is offline\n{last_seen}\nCause: {cause}")
+                let behind = match &self.behind {
+                    Some(behind) => format!(
+                        "\n{} behind it unreachable: {}",
+                        devices(behind.count),
+                        listed(&behind.first, behind.count)
+                    ),
+                    None => String::new(),
+                };
+                format!("🔴 {id} is offline\n{last_seen}\nCause: {cause}{behind}")
+            }
+            "device.still_down" => {
+                let status = self.event.status;
+                format!(
+                    "🔁 {id} is still {status} (reminder {})\nSince: {}",
+                    self.reminder.unwrap_or(1),
+                    at(self.event.changed_at)
+                )
             }
             "device.error" => {
                 let what = self.event.error.as_deref().unwrap_or("(no error text)");
@@ -115,10 +162,132 @@ impl Notice {
     }
 }
 
+impl GroupNotice {
+    pub fn new(
+        member_kind: &str,
+        group: Vec<(String, String)>,
+        mut events: Vec<Notice>,
+        dashboard: Option<&str>,
+    ) -> Self {
+        // Listed by id: a person scans a sorted list.
+        events.sort_by(|a, b| a.event.device_id.cmp(&b.event.device_id));
+        let dashboard_url = dashboard.map(|base| {
+            let mut filters: Vec<String> = group.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+            filters.sort();
+            let mut url = format!("{}/", base.trim_end_matches('/'));
+            let mut query = Vec::new();
+            if !filters.is_empty() {
+                query.push(format!("label={}", encode(&filters.join(","))));
+            }
+            if let Some(status) = events.first().map(|n| n.event.status) {
+                query.push(format!("status={status}"));
+            }
+            if !query.is_empty() {
+                url.push('?');
+                url.push_str(&query.join("&"));
+            }
+            url
+        });
+        Self {
+            member_kind: member_kind.to_string(),
+            count: events.len(),
+            group: group.into_iter().collect(),
+            dashboard_url,
+            events,
+        }
+    }
+
+    /// `devices.offline`, `devices.recovered`, ...: the members' kind, plural.
+    pub fn kind(&self) -> String {
+        format!(
+            "devices.{}",
+            self.member_kind
+                .strip_prefix("device.")
+                .unwrap_or(&self.member_kind)
+        )
+    }
+
+    /// The JSON a webhook receives: the members' notices and their count.
+    pub fn webhook_body(&self) -> String {
+        let timestamp = self.events.first().map(|n| n.event.changed_at);
+        serde_json::to_string(&serde_json::json!({
+            "type": self.kind(),
+            "timestamp": timestamp,
+            "data": self,
+        }))
+        .unwrap_or_default()
+    }
+
+    /// One line for a person, and the link.
+    pub fn text(&self) -> String {
+        let what = match self.member_kind.as_str() {
+            "device.offline" => "🔴 {} offline",
+            "device.error" => "🟠 {} report an error",
+            "device.recovered" => "🟢 {} back online",
+            "device.online" => "🟢 {} online (first heartbeat)",
+            "device.still_down" => "🔁 {} still down (reminder)",
+            _ => "⚪ {} registered",
+        }
+        .replace("{}", &devices(self.count as u64));
+        let at = if self.group.is_empty() {
+            String::new()
+        } else {
+            let parts: Vec<String> = self.group.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            format!(" at {}", parts.join(", "))
+        };
+        let ids: Vec<crate::device::DeviceId> = self
+            .events
+            .iter()
+            .take(crate::notify::policy::LISTED)
+            .map(|n| n.event.device_id.clone())
+            .collect();
+        let link = self
+            .dashboard_url
+            .as_ref()
+            .map(|url| format!("\n{url}"))
+            .unwrap_or_default();
+        format!("{what}{at}: {}{link}", listed(&ids, self.count as u64))
+    }
+}
+
+/// `1 device`, `142 devices`.
+fn devices(count: u64) -> String {
+    if count == 1 {
+        "1 device".to_string()
+    } else {
+        format!("{count} devices")
+    }
+}
+
+/// `pump-1, pump-2, … (+137)`: the first ids of `count`.
+fn listed(first: &[crate::device::DeviceId], count: u64) -> String {
+    let names: Vec<&str> = first.iter().map(|id| id.as_str()).collect();
+    let more = count.saturating_sub(names.len() as u64);
+    if more == 0 {
+        names.join(", ")
+    } else {
+        format!("{}, … (+{more})", names.join(", "))
+    }
+}
+
+/// Percent-encodes a query value (labels may hold any printable text).
+fn encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~:,".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 /// What a sink sends: a notice, or a test message an operator asked for.
 #[derive(Debug, Clone, Copy)]
 pub enum Message<'a> {
     Notice(&'a Notice),
+    Group(&'a GroupNotice),
     Test { sink: &'a str, at: Timestamp },
 }
 
@@ -126,6 +295,7 @@ impl Message<'_> {
     pub fn webhook_body(&self) -> String {
         match self {
             Message::Notice(notice) => notice.webhook_body(),
+            Message::Group(group) => group.webhook_body(),
             Message::Test { sink, at } => serde_json::to_string(&serde_json::json!({
                 "type": "fleetwatch.test",
                 "timestamp": at,
@@ -138,6 +308,7 @@ impl Message<'_> {
     pub fn text(&self) -> String {
         match self {
             Message::Notice(notice) => notice.text(),
+            Message::Group(group) => group.text(),
             Message::Test { sink, .. } => {
                 format!("✅ fleetwatch test message for sink {sink}: notifications reach you here")
             }
@@ -181,6 +352,8 @@ mod tests {
         Notice {
             event,
             down_since: None,
+            behind: None,
+            reminder: None,
         }
     }
 

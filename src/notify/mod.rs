@@ -3,7 +3,10 @@
 //! device, across the hub's restarts and the receiver's outages.
 //!
 //! - [`filter`]: which transitions a sink hears of.
-//! - [`message`]: what it is told ([`message::Notice`]), as JSON or as text.
+//! - [`message`]: what it is told ([`message::Notice`], [`message::GroupNotice`]), as
+//!   JSON or as text.
+//! - [`policy`]: who is told what and when: flap damping, dependencies, storm
+//!   grouping, silences, reminders.
 //! - [`sign`]: Standard Webhooks signatures.
 //! - [`target`]: the webhook, Telegram and Slack receivers, and what their answers mean.
 //! - [`delivery`]: one task per sink: takes new transitions from the event log into
@@ -15,6 +18,7 @@
 pub mod delivery;
 pub mod filter;
 pub mod message;
+pub mod policy;
 pub mod sign;
 pub mod target;
 

@@ -90,6 +90,9 @@ pub fn test_settings_on(broker: &Broker, url: String) -> Settings {
     settings.heartbeat.check_interval = Duration::from_millis(100);
     settings.heartbeat.flush_interval = Duration::from_millis(50);
     settings.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    // Each transition its own message, at once: the tests of grouping turn it on.
+    settings.notify.group_threshold = 0;
+    settings.notify.group_wait = Duration::ZERO;
     match broker {
         Broker::Embedded => {
             settings.mqtt.broker = BrokerMode::Embedded;

@@ -18,6 +18,7 @@ mod lockdown;
 mod logins;
 mod mosquitto;
 mod notify;
+mod policy;
 mod receiver;
 mod registration;
 mod restart;

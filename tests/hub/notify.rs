@@ -438,7 +438,7 @@ async fn notifications_pending_when_the_hub_is_killed_are_delivered_after_restar
     std::fs::write(
         &config,
         format!(
-            "[notify]\nretry_max = \"200ms\"\n\n[[notify.sinks]]\nname = \"ops\"\nkind = \"webhook\"\n\
+            "[notify]\nretry_max = \"200ms\"\ngroup_threshold = 0\n\n[[notify.sinks]]\nname = \"ops\"\nkind = \"webhook\"\n\
              url = \"{}\"\nsecret = \"{SECRET}\"\n",
             receiver.url("/in")
         ),
