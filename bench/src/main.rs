@@ -9,6 +9,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod db;
 mod deadlines;
+mod grouping;
 mod http;
 mod listen;
 mod measure;
@@ -27,7 +28,7 @@ use clap::Parser;
 
 use crate::report::Report;
 
-const MEASUREMENTS: [&str; 13] = [
+const MEASUREMENTS: [&str; 14] = [
     "ingest",
     "db",
     "pgdb",
@@ -40,6 +41,7 @@ const MEASUREMENTS: [&str; 13] = [
     "sustained",
     "notify",
     "outage",
+    "grouping",
     "hubs",
 ];
 
@@ -89,6 +91,8 @@ pub struct Scale {
     pub lag_offline_after: Duration,
     pub storm_devices: u64,
     pub storm_offline_after: Duration,
+    /// Storm grouping: sites, and devices in each.
+    pub grouping_sites: (u64, u64),
     /// Per-device deadlines: the fleet, how long its offline events are watched, and
     /// how long after writing it the first deadline begins (the hub must be up).
     pub deadline_devices: u64,
@@ -128,6 +132,7 @@ impl Scale {
             lag_offline_after: Duration::from_secs(10),
             storm_devices: 10_000,
             storm_offline_after: Duration::from_secs(5),
+            grouping_sites: (100, 100),
             deadline_devices: 1_000_000,
             deadline_window: Duration::from_secs(120),
             deadline_lead: Duration::from_secs(20),
@@ -161,6 +166,7 @@ impl Scale {
             lag_offline_after: Duration::from_secs(3),
             storm_devices: 2_000,
             storm_offline_after: Duration::from_secs(3),
+            grouping_sites: (10, 50),
             deadline_devices: 50_000,
             deadline_window: Duration::from_secs(20),
             deadline_lead: Duration::from_secs(5),
@@ -220,6 +226,7 @@ async fn main() -> Result<ExitCode> {
             "http" => http::http(dir, scale, report).await,
             "notify" => notify::storm(dir, scale, report).await,
             "outage" => notify::outage(dir, scale, report).await,
+            "grouping" => grouping::grouping(dir, scale, report).await,
             "hubs" => scaling::scaling(dir, &args.postgres, scale, report).await,
             _ => measure::sustained(dir, scale, report).await,
         };
