@@ -158,6 +158,8 @@ struct Held {
     own_offline_after: Duration,
     /// Not decided before this.
     ready_at: Timestamp,
+    /// Was ready, but waits for its parent's fate.
+    waiting_parent: bool,
     /// In this group's window, once decided.
     group: Option<GroupKey>,
 }
@@ -303,12 +305,33 @@ impl Engine {
                     *recheck_at = Some(event.changed_at.saturating_add(*offline_after));
                 }
             }
-            // Back before its down transition was decided: a flap, nobody is told.
             if let Some(seqs) = self.held_down.remove(&device) {
+                // Back before its down transition was decided (within min_offline, or
+                // while it waited for its parent's fate): a flap, nobody is told.
+                let mut kept = Vec::new();
                 for seq in seqs {
-                    self.unhold(seq);
+                    let undecided = self.held.get(&seq).is_some_and(|h| {
+                        h.group.is_none() && (event.changed_at < h.ready_at || h.waiting_parent)
+                    });
+                    if undecided {
+                        self.unhold(seq);
+                    } else {
+                        kept.push(seq);
+                    }
                 }
-                self.down.remove(&device);
+                if kept.is_empty() {
+                    self.down.remove(&device);
+                    return;
+                }
+                // Its down transition is decided and will be sent: so is this, after.
+                self.held_down.insert(device, kept);
+                self.hold(
+                    stored.seq,
+                    Some(stored.seq),
+                    notice,
+                    known,
+                    event.changed_at,
+                );
                 return;
             }
             let send = match self.down.remove(&device) {
@@ -362,6 +385,7 @@ impl Engine {
                 parent: known.parent,
                 own_offline_after,
                 ready_at,
+                waiting_parent: false,
                 group: None,
             },
         );
@@ -554,6 +578,9 @@ impl Engine {
                 };
                 let parent_deadline_passed = parent.deadline_at.is_none_or(|at| at <= now);
                 if parent.status == Status::Online && !beat_since && !parent_deadline_passed {
+                    if let Some(held) = self.held.get_mut(&key) {
+                        held.waiting_parent = true;
+                    }
                     continue;
                 }
             }
@@ -616,6 +643,16 @@ impl Engine {
                         self.held_down.remove(&device);
                     }
                 }
+                if is_recovery(event)
+                    && matches!(
+                        self.down.get(&device),
+                        Some(Down::Folded { .. } | Down::Silenced { .. })
+                    )
+                {
+                    // Its down transition was not told on its own: nor is this.
+                    self.down.remove(&device);
+                    continue;
+                }
                 if quiet.silenced_until(&device, &held.labels, now).is_some() {
                     if down {
                         self.down.insert(
@@ -634,7 +671,9 @@ impl Engine {
                         held.notice.behind = Some(Behind { count, first: ids });
                     }
                 }
-                if down && held.notice.reminder.is_none() {
+                // Kept only for reminders: a recovery after a down that was sent is
+                // sent anyway (it was down at least min_offline).
+                if down && held.notice.reminder.is_none() && self.settings.repeat_after.is_some() {
                     self.down.insert(
                         device,
                         Down::Sent {

@@ -612,3 +612,32 @@ async fn the_cursor_stays_before_the_oldest_transition_held() {
     h.pass(62_000).await;
     assert_eq!(h.engine.oldest_held(), None);
 }
+
+#[tokio::test]
+async fn without_min_offline_a_quick_recovery_is_told_after_its_offline() {
+    // Both read in one page, before any pass: each transition is still told.
+    let mut h = Harness::new(PolicySettings::default());
+    h.offline("pump-1", 1_000);
+    h.back("pump-1", 1_200);
+    assert_eq!(
+        told(&h.pass(1_200).await),
+        [
+            pair("device.offline", "pump-1"),
+            pair("device.recovered", "pump-1")
+        ]
+    );
+
+    // Inside one grouping window, too: grouping never drops a transition.
+    let mut h = Harness::new(grouping(50, &[]));
+    h.offline("pump-1", 1_000);
+    assert!(h.pass(1_000).await.is_empty());
+    h.back("pump-1", 3_000);
+    assert_eq!(
+        told(&h.pass(11_000).await),
+        [pair("device.offline", "pump-1")]
+    );
+    assert_eq!(
+        told(&h.pass(13_000).await),
+        [pair("device.recovered", "pump-1")]
+    );
+}
