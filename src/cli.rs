@@ -234,6 +234,7 @@ mod tests {
             interval: None,
             deadline_at: None,
             labels: Default::default(),
+            parent: None,
             report: Default::default(),
         };
         let row = table_row(&device, Timestamp::from_unix_millis(6_000));

@@ -326,6 +326,18 @@ impl Store for RecordWrites {
         self.inner.set_offline_after(id, offline_after).await
     }
 
+    async fn set_parent(
+        &self,
+        id: &DeviceId,
+        parent: Option<&DeviceId>,
+    ) -> Result<Device, StoreError> {
+        self.inner.set_parent(id, parent).await
+    }
+
+    async fn devices_by_id(&self, ids: &[DeviceId]) -> Result<Vec<Device>, StoreError> {
+        self.inner.devices_by_id(ids).await
+    }
+
     async fn register(
         &self,
         id: &DeviceId,

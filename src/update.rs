@@ -31,6 +31,9 @@ pub struct Heartbeat {
     pub interval: Option<Duration>,
     /// Labels the device declares: set key by key.
     pub labels: Option<Labels>,
+    /// The device it is reached through (`parent`): `Some(None)` clears it, `None`
+    /// (not in the heartbeat) keeps what is stored.
+    pub parent: Option<Option<DeviceId>>,
     pub report: Report,
 }
 
@@ -131,6 +134,9 @@ pub struct DeviceUpdate {
     /// The labels the heartbeats declared, merged (newest wins per key); `None`: none
     /// declared, the stored ones stay.
     pub labels: Option<Labels>,
+    /// The parent the latest heartbeat that named one (or `null`) named: `Some(None)`
+    /// clears the stored one, `None` keeps it.
+    pub parent: Option<Option<DeviceId>>,
     /// Error text to store: `Some(None)` clears it (the latest heartbeat was ok),
     /// `None` keeps what is stored.
     pub error: Option<Option<String>>,
@@ -168,6 +174,11 @@ impl DeviceUpdate {
                 .sum::<usize>()
             + self.labels.as_ref().map_or(0, Labels::approx_bytes)
             + self
+                .parent
+                .as_ref()
+                .and_then(Option::as_ref)
+                .map_or(0, |p| p.as_str().len())
+            + self
                 .error
                 .as_ref()
                 .and_then(|e| e.as_ref())
@@ -184,6 +195,7 @@ impl DeviceUpdate {
             clock_skew_ms: None,
             interval: None,
             labels: None,
+            parent: None,
             error: None,
             report: Report::default(),
         }
@@ -212,6 +224,7 @@ impl DeviceUpdate {
             device_time,
             interval,
             labels,
+            parent,
             report,
         } = heartbeat;
         let error = if healthy { None } else { error };
@@ -223,6 +236,7 @@ impl DeviceUpdate {
         }
         self.interval = interval.or(self.interval);
         merge_labels(&mut self.labels, labels);
+        overlay(&mut self.parent, parent);
         self.error = Some(error);
         self.report.merge(report);
     }
@@ -335,6 +349,7 @@ fn merge(mut older: DeviceUpdate, newer: DeviceUpdate) -> DeviceUpdate {
     older.clock_skew_ms = newer.clock_skew_ms.or(older.clock_skew_ms);
     older.interval = newer.interval.or(older.interval);
     merge_labels(&mut older.labels, newer.labels);
+    overlay(&mut older.parent, newer.parent);
     older.error = newer.error.or(older.error);
     older.report.merge(newer.report);
     older
@@ -451,6 +466,29 @@ mod tests {
             update.steps.last().map(|s| (s.signal, s.at)),
             Some((BAD, at(999)))
         );
+    }
+
+    #[test]
+    fn the_latest_heartbeat_naming_a_parent_or_null_wins_and_silence_keeps_it() {
+        let with_parent = |parent: Option<Option<&str>>| Heartbeat {
+            parent: parent.map(|p| p.map(id)),
+            ..beat(true)
+        };
+        let mut batch = Batch::default();
+        batch.add_heartbeat(id("a"), at(10), with_parent(Some(Some("gw-1"))));
+        batch.add_heartbeat(id("a"), at(20), with_parent(None));
+        batch.add_heartbeat(id("b"), at(10), with_parent(Some(Some("gw-1"))));
+        batch.add_heartbeat(id("b"), at(20), with_parent(Some(None)));
+        batch.add_heartbeat(id("c"), at(10), with_parent(None));
+        let mut updates = batch.take();
+        updates.sort_by(|x, y| x.device.cmp(&y.device));
+        let parents: Vec<_> = updates.iter().map(|u| u.parent.clone()).collect();
+        assert_eq!(parents, [Some(Some(id("gw-1"))), Some(None), None]);
+        // A failed flush put back under a newer heartbeat that names none keeps it.
+        batch.add_heartbeat(id("a"), at(30), with_parent(None));
+        batch.restore(updates);
+        let a = batch.take().into_iter().find(|u| u.device == id("a"));
+        assert_eq!(a.and_then(|u| u.parent), Some(Some(id("gw-1"))));
     }
 
     #[test]

@@ -28,6 +28,7 @@ fn heartbeat(uptime: u64) -> Heartbeat {
         device_time: Some(Timestamp::from_unix_millis(1_700_000_000_000)),
         interval: None,
         labels: None,
+        parent: None,
         report: Report {
             uptime_seconds: Some(uptime),
             free_memory: Some(48_213_504),

@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use super::RejectReason;
 use crate::clock::Timestamp;
+use crate::device::DeviceId;
 use crate::update::{Heartbeat, OsInfo, Report};
 
 /// Default cap on a heartbeat payload (`mqtt.max_payload`).
@@ -42,6 +43,8 @@ pub enum PayloadError {
     InvalidField(serde_json::Error),
     #[error("invalid heartbeat field: {0}")]
     OverLimit(String),
+    #[error("invalid heartbeat field: parent {0:?} is the device itself")]
+    OwnParent(DeviceId),
 }
 
 impl PayloadError {
@@ -52,10 +55,24 @@ impl PayloadError {
             PayloadError::TooDeep => RejectReason::TooDeep,
             PayloadError::NotAnObject => RejectReason::NotAnObject,
             PayloadError::Malformed(_) => RejectReason::MalformedJson,
-            PayloadError::InvalidField(_) | PayloadError::OverLimit(_) => {
-                RejectReason::InvalidField
-            }
+            PayloadError::InvalidField(_)
+            | PayloadError::OverLimit(_)
+            | PayloadError::OwnParent(_) => RejectReason::InvalidField,
         }
+    }
+}
+
+/// Parses the heartbeat payload `device` sent, as [`parse`] does, and refuses one
+/// that names `device` as its own `parent`: what the hub's receivers call.
+pub fn parse_from(
+    device: &DeviceId,
+    payload: &[u8],
+    limit: usize,
+) -> Result<Heartbeat, PayloadError> {
+    let heartbeat = parse(payload, limit)?;
+    match &heartbeat.parent {
+        Some(Some(parent)) if parent == device => Err(PayloadError::OwnParent(parent.clone())),
+        _ => Ok(heartbeat),
     }
 }
 
@@ -207,6 +224,23 @@ pub(crate) struct Wire {
     /// (interface.md "Labels").
     #[serde(default)]
     labels: Option<crate::labels::Labels>,
+    /// The device this one is reached through (a gateway's id): kept until a heartbeat
+    /// names another; `null` clears it (interface.md "Dependencies"). A device cannot
+    /// be its own parent.
+    #[serde(default, deserialize_with = "parent")]
+    #[schema(value_type = Option<String>, pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length = 128, example = "gw-1")]
+    parent: Option<Option<DeviceId>>,
+}
+
+/// `parent`: present (`Some`) even when `null`, which clears the stored parent, where
+/// every other field's `null` counts as absent; a string must be a device id.
+fn parent<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<DeviceId>>, D::Error> {
+    let text: Option<std::borrow::Cow<'de, str>> = Option::deserialize(d)?;
+    text.map(|t| {
+        DeviceId::parse(&t).map_err(|e| serde::de::Error::custom(format!("parent {t:?}: {e}")))
+    })
+    .transpose()
+    .map(Some)
 }
 
 /// `interval` as documented: a number of seconds, a duration string, or null.
@@ -390,6 +424,7 @@ impl From<Wire> for Heartbeat {
             device_time: wire.timestamp,
             interval: wire.interval,
             labels: wire.labels,
+            parent: wire.parent,
             report: Report {
                 uptime_seconds: wire.uptime_seconds,
                 free_memory: wire.free_memory,
@@ -561,6 +596,43 @@ mod tests {
         ] {
             assert_eq!(reason(bad.as_bytes()), RejectReason::InvalidField, "{bad}");
         }
+    }
+
+    #[test]
+    fn parent_is_a_device_id_null_clears_it_and_a_device_cannot_name_itself() {
+        let gw = DeviceId::parse("gw-1").expect("id");
+        assert_eq!(
+            parse_ok(r#"{"parent":"gw-1"}"#).parent,
+            Some(Some(gw.clone()))
+        );
+        assert_eq!(parse_ok(r#"{"parent":null}"#).parent, Some(None));
+        assert_eq!(parse_ok("{}").parent, None);
+        for bad in [
+            r#"{"parent":""}"#,
+            r#"{"parent":"gw/1"}"#,
+            r#"{"parent":"-gw"}"#,
+            r#"{"parent":7}"#,
+            r#"{"parent":{"id":"gw-1"}}"#,
+        ] {
+            assert_eq!(reason(bad.as_bytes()), RejectReason::InvalidField, "{bad}");
+        }
+        let Err(e) = parse(br#"{"parent":"gw/1"}"#, DEFAULT_MAX_PAYLOAD) else {
+            panic!("accepted");
+        };
+        assert!(e.to_string().contains(r#"parent "gw/1""#), "{e}");
+
+        let child = DeviceId::parse("pump-7").expect("id");
+        let hb = parse_from(&child, br#"{"parent":"gw-1"}"#, DEFAULT_MAX_PAYLOAD);
+        assert_eq!(hb.map(|hb| hb.parent).ok(), Some(Some(Some(gw.clone()))));
+        match parse_from(&gw, br#"{"parent":"gw-1"}"#, DEFAULT_MAX_PAYLOAD) {
+            Err(e) => {
+                assert_eq!(e.reason(), RejectReason::InvalidField);
+                assert!(e.to_string().contains("is the device itself"), "{e}");
+            }
+            Ok(hb) => panic!("accepted {hb:?}"),
+        }
+        // Clearing is no self-reference.
+        assert!(parse_from(&gw, br#"{"parent":null}"#, DEFAULT_MAX_PAYLOAD).is_ok());
     }
 
     #[test]

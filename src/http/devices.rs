@@ -63,6 +63,13 @@ pub struct ListParams {
         pattern = r"^[A-Za-z0-9_./-]{1,64}:[^,\u0000-\u001f\u007f-\u009f]{1,128}(,[A-Za-z0-9_./-]{1,64}:[^,\u0000-\u001f\u007f-\u009f]{1,128})*$"
     )]
     label: Option<String>,
+    /// Only the devices that name this device as their `parent` (a gateway's id).
+    #[param(
+        pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$",
+        max_length = 128,
+        example = "gw-1"
+    )]
+    parent: Option<String>,
     /// `next_cursor` of the previous page (a device id).
     #[param(pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length = 128)]
     cursor: Option<String>,
@@ -109,6 +116,14 @@ pub async fn list(
         .transpose()
         .map_err(ApiError::BadRequest)?
         .unwrap_or_default();
+    let parent = params
+        .parent
+        .as_deref()
+        .map(|parent| {
+            DeviceId::parse(parent)
+                .map_err(|e| ApiError::BadRequest(format!("parent {parent:?}: {e}")))
+        })
+        .transpose()?;
     let mut devices = state
         .store
         .devices(&DeviceQuery {
@@ -116,6 +131,7 @@ pub async fn list(
             prefix: params.prefix,
             after,
             labels,
+            parent,
             limit: limit + 1,
         })
         .await?;
@@ -184,6 +200,12 @@ pub struct DeviceChange {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>, example = "20s", pattern = r"^(([1-9][0-9]{0,5}|1[0-9]{6}|2[0-4][0-9]{5}|25[0-8][0-9]{4}|259[01][0-9]{3}|2592000)s|([1-9][0-9]{0,3}|[1-3][0-9]{4}|4[0-2][0-9]{3}|43[01][0-9]{2}|43200)m|([1-9][0-9]?|[1-6][0-9]{2}|7[01][0-9]|720)h)$")]
     offline_after: Option<Option<String>>,
+    /// The device this one is reached through (a gateway's id; not the device
+    /// itself); `null` clears it. Its next heartbeat that names a `parent` sets it
+    /// again.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, example = "gw-1", pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length = 128)]
+    parent: Option<Option<String>>,
 }
 
 /// A field that is present, `null` included: `Some(None)` for null, where a missing
@@ -197,7 +219,7 @@ where
 }
 
 /// Change a device's own settings: its `offline_after`, which moves its pending
-/// deadline at once.
+/// deadline at once, and its `parent`.
 #[utoipa::path(patch, path = "/api/v1/devices/{id}", tag = "devices",
     params(("id" = String, Path, description = "Device id", pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length = 128)),
     request_body = DeviceChange,
@@ -208,7 +230,7 @@ where
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "No such device", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 422, description = "Not a valid device id, an unknown field, or a value out of range", body = ErrorBody),
+        (status = 422, description = "Not a valid device id, an unknown field, a value out of range, or a parent that is not a device id or is the device itself", body = ErrorBody),
         (status = 503, description = "Database not answering", body = ErrorBody),
     ))]
 pub async fn change(
@@ -218,24 +240,50 @@ pub async fn change(
 ) -> Result<Json<Device>, ApiError> {
     let id = device_id(&id)?;
     let Json(change) = body.map_err(from_rejection)?;
-    let Some(offline_after) = change.offline_after else {
+    // Every value is checked before anything is written.
+    let offline_after = change
+        .offline_after
+        .map(|set| {
+            set.map(|text| {
+                crate::deadline::parse_text(&text)
+                    .map_err(|why| ApiError::Unprocessable(format!("offline_after {why}")))
+            })
+            .transpose()
+        })
+        .transpose()?;
+    let parent = change
+        .parent
+        .map(|set| set.map(|text| parent_of(&id, &text)).transpose())
+        .transpose()?;
+    let mut changed = None;
+    if let Some(offline_after) = offline_after {
+        changed = Some(state.store.set_offline_after(&id, offline_after).await?);
+    }
+    if let Some(parent) = parent {
+        changed = Some(state.store.set_parent(&id, parent.as_ref()).await?);
+    }
+    match changed {
+        Some(device) => Ok(Json(device)),
         // Nothing named, nothing changed: the device as it is.
-        return state
+        None => state
             .store
             .device(&id)
             .await?
             .map(Json)
-            .ok_or_else(|| StoreError::NotFound(id).into());
-    };
-    let offline_after = offline_after
-        .map(|text| {
-            crate::deadline::parse_text(&text)
-                .map_err(|why| ApiError::Unprocessable(format!("offline_after {why}")))
-        })
-        .transpose()?;
-    Ok(Json(
-        state.store.set_offline_after(&id, offline_after).await?,
-    ))
+            .ok_or_else(|| StoreError::NotFound(id).into()),
+    }
+}
+
+/// `text` as the parent of `id`: a device id, and not `id` itself.
+fn parent_of(id: &DeviceId, text: &str) -> Result<DeviceId, ApiError> {
+    let parent = DeviceId::parse(text)
+        .map_err(|e| ApiError::Unprocessable(format!("parent {text:?}: {e}")))?;
+    if &parent == id {
+        return Err(ApiError::Unprocessable(format!(
+            "parent {text:?} is the device itself"
+        )));
+    }
+    Ok(parent)
 }
 
 /// A device an operator expects.
@@ -441,7 +489,7 @@ pub async fn heartbeat(
 ) -> Result<impl IntoResponse, ApiError> {
     let id = device_id(&id)?;
     let body = body.map_err(from_rejection)?;
-    let heartbeat = payload::parse(&body, state.max_payload).map_err(|e| {
+    let heartbeat = payload::parse_from(&id, &body, state.max_payload).map_err(|e| {
         state.metrics.reject(e.reason());
         // One rule: 400 when the body is not JSON at all, 422 when it is JSON but not
         // a heartbeat.
@@ -453,7 +501,8 @@ pub async fn heartbeat(
             PayloadError::NotAnObject
             | PayloadError::TooDeep
             | PayloadError::InvalidField(_)
-            | PayloadError::OverLimit(_) => ApiError::Unprocessable(e.to_string()),
+            | PayloadError::OverLimit(_)
+            | PayloadError::OwnParent(_) => ApiError::Unprocessable(e.to_string()),
         }
     })?;
     state.metrics.http_heartbeats_received.fetch_add(1, Relaxed);

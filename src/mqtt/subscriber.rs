@@ -301,18 +301,20 @@ impl Subscriber {
         };
         match kind {
             Kind::Lwt => Some(Inbound::ConnectionLost { device, at }),
-            Kind::Heartbeat => match payload::parse(&publish.payload, self.endpoint.max_payload) {
-                Ok(heartbeat) => Some(Inbound::Heartbeat {
-                    device,
-                    at,
-                    heartbeat: Box::new(heartbeat),
-                    receipt: None,
-                }),
-                Err(e) => {
-                    self.rejects.reject(e.reason(), topic, &e);
-                    None
+            Kind::Heartbeat => {
+                match payload::parse_from(&device, &publish.payload, self.endpoint.max_payload) {
+                    Ok(heartbeat) => Some(Inbound::Heartbeat {
+                        device,
+                        at,
+                        heartbeat: Box::new(heartbeat),
+                        receipt: None,
+                    }),
+                    Err(e) => {
+                        self.rejects.reject(e.reason(), topic, &e);
+                        None
+                    }
                 }
-            },
+            }
         }
     }
 }

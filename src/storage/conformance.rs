@@ -47,6 +47,9 @@ macro_rules! store_conformance {
             without_auto_registration_only_registered_devices_are_written,
             registering_twice_is_refused,
             a_flush_of_ok_heartbeats_changes_only_the_devices_not_already_online,
+            a_heartbeat_names_the_parent_in_every_write_path_and_null_clears_it,
+            set_parent_names_or_clears_it_and_the_parent_filter_lists_the_children,
+            devices_by_id_reads_the_devices_named_and_leaves_out_unknown_ones,
             a_credential_is_kept_per_device_and_replaced_by_the_next,
             a_credential_needs_an_existing_device,
             deleting_a_device_deletes_its_credential,
@@ -559,6 +562,7 @@ pub(crate) async fn devices_page_by_id_with_status_and_prefix_filters(store: Arc
         prefix: prefix.map(str::to_string),
         after: after.map(id),
         labels: Vec::new(),
+        parent: None,
         limit,
     };
     assert_eq!(page(q(None, None, None, 2)).await, ["pump-1", "pump-2"]);
@@ -1228,4 +1232,186 @@ pub(crate) async fn devices_page_by_label_and_every_filter_must_match(store: Arc
     );
     assert_eq!(page(&[("site", "north")], Some("d1"), 1).await, ["d2"]);
     assert!(page(&[("site", "west")], None, 10).await.is_empty());
+}
+
+/// A heartbeat naming `parent` (`Some(None)`: `null`), healthy or not.
+fn beat_parent(healthy: bool, parent: Option<Option<&str>>) -> Heartbeat {
+    Heartbeat {
+        parent: parent.map(|p| p.map(id)),
+        ..beat(healthy, None)
+    }
+}
+
+async fn parent_of(store: &Arc<dyn Store>, device: &str) -> Option<String> {
+    store
+        .device(&id(device))
+        .await
+        .expect("read")
+        .expect("exists")
+        .parent
+        .map(|p| p.to_string())
+}
+
+/// A heartbeat's `parent` is written by the fast refresh and the full path alike (a
+/// new device, a status change); one without `parent` keeps the stored one; `null`
+/// clears it, and a new device's `null` stores none.
+pub(crate) async fn a_heartbeat_names_the_parent_in_every_write_path_and_null_clears_it(
+    store: Arc<dyn Store>,
+) {
+    // Full path: new devices.
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(1_000), beat_parent(true, Some(Some("gw-1"))));
+        b.add_heartbeat(id("b"), at(1_000), beat_parent(true, Some(None)));
+        b.add_heartbeat(id("c"), at(1_000), beat_parent(true, None));
+    })
+    .await;
+    assert_eq!(parent_of(&store, "a").await.as_deref(), Some("gw-1"));
+    assert_eq!(parent_of(&store, "b").await, None);
+    assert_eq!(parent_of(&store, "c").await, None);
+    let unnamed = DeviceQuery {
+        parent: Some(id("gw-1")),
+        limit: 10,
+        ..DeviceQuery::default()
+    };
+    let listed: Vec<String> = store
+        .devices(&unnamed)
+        .await
+        .expect("list")
+        .iter()
+        .map(|d| d.device_id.to_string())
+        .collect();
+    assert_eq!(listed, ["a"]);
+    // Steady (online, still online): kept when absent, set, cleared.
+    apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(2_000), beat_parent(true, None));
+        b.add_heartbeat(id("c"), at(2_000), beat_parent(true, Some(Some("gw-2"))));
+    })
+    .await;
+    assert_eq!(
+        parent_of(&store, "a").await.as_deref(),
+        Some("gw-1"),
+        "a heartbeat without parent keeps it"
+    );
+    assert_eq!(parent_of(&store, "c").await.as_deref(), Some("gw-2"));
+    apply(&store, |b| {
+        b.add_heartbeat(id("c"), at(3_000), beat_parent(true, Some(None)))
+    })
+    .await;
+    assert_eq!(parent_of(&store, "c").await, None, "null clears it");
+    // Full path on a known device: online to error sets it, back to online keeps it,
+    // to error again with null clears it.
+    let events = apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(4_000), beat_parent(false, Some(Some("gw-3"))))
+    })
+    .await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(parent_of(&store, "a").await.as_deref(), Some("gw-3"));
+    let events = apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(5_000), beat_parent(true, None))
+    })
+    .await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(parent_of(&store, "a").await.as_deref(), Some("gw-3"));
+    let events = apply(&store, |b| {
+        b.add_heartbeat(id("a"), at(6_000), beat_parent(false, Some(None)))
+    })
+    .await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(parent_of(&store, "a").await, None);
+}
+
+pub(crate) async fn set_parent_names_or_clears_it_and_the_parent_filter_lists_the_children(
+    store: Arc<dyn Store>,
+) {
+    apply(&store, |b| {
+        for name in ["d1", "d2", "d3", "d4", "gw"] {
+            b.add_heartbeat(id(name), at(1_000), beat(true, None));
+        }
+        b.add_heartbeat(id("d5"), at(1_000), beat(false, None));
+    })
+    .await;
+    for (child, parent) in [("d1", "gw"), ("d2", "gw"), ("d3", "gw-2"), ("d5", "gw")] {
+        let device = store
+            .set_parent(&id(child), Some(&id(parent)))
+            .await
+            .expect("set");
+        assert_eq!(device.parent, Some(id(parent)), "{child}");
+    }
+    let children = |parent: &str, status: Option<Status>, after: Option<&str>, limit: u32| {
+        let store = Arc::clone(&store);
+        let query = DeviceQuery {
+            parent: Some(id(parent)),
+            status,
+            after: after.map(id),
+            limit,
+            ..DeviceQuery::default()
+        };
+        async move {
+            store
+                .devices(&query)
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|d| d.device_id.to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(children("gw", None, None, 10).await, ["d1", "d2", "d5"]);
+    assert_eq!(children("gw", None, Some("d1"), 1).await, ["d2"]);
+    assert_eq!(children("gw", Some(Status::Error), None, 10).await, ["d5"]);
+    assert_eq!(children("gw-2", None, None, 10).await, ["d3"]);
+    assert!(children("d1", None, None, 10).await.is_empty());
+    let cleared = store.set_parent(&id("d2"), None).await.expect("clear");
+    assert_eq!(cleared.parent, None);
+    assert_eq!(parent_of(&store, "d2").await, None);
+    assert_eq!(children("gw", None, None, 10).await, ["d1", "d5"]);
+    assert!(matches!(
+        store.set_parent(&id("nobody"), Some(&id("gw"))).await,
+        Err(StoreError::NotFound(_))
+    ));
+    // A heartbeat that names no parent leaves the API's choice alone.
+    apply(&store, |b| {
+        b.add_heartbeat(id("d1"), at(2_000), beat(true, None))
+    })
+    .await;
+    assert_eq!(parent_of(&store, "d1").await.as_deref(), Some("gw"));
+}
+
+pub(crate) async fn devices_by_id_reads_the_devices_named_and_leaves_out_unknown_ones(
+    store: Arc<dyn Store>,
+) {
+    const N: usize = 2_500;
+    let names: Vec<String> = (0..N).map(|i| format!("dev-{i:05}")).collect();
+    apply(&store, |b| {
+        for name in &names {
+            b.add_heartbeat(id(name), at(1_000), beat_parent(true, Some(Some("gw-1"))));
+        }
+    })
+    .await;
+    assert!(store.devices_by_id(&[]).await.expect("none").is_empty());
+    let mut wanted: Vec<DeviceId> = names.iter().map(|n| id(n)).collect();
+    wanted.extend((0..10).map(|i| id(&format!("unknown-{i}"))));
+    let found = store.devices_by_id(&wanted).await.expect("read");
+    assert_eq!(found.len(), N);
+    let mut found_ids: Vec<String> = found.iter().map(|d| d.device_id.to_string()).collect();
+    found_ids.sort();
+    assert_eq!(found_ids, names);
+    assert!(
+        found
+            .iter()
+            .all(|d| d.parent == Some(id("gw-1")) && d.status == Status::Online)
+    );
+    let one = store
+        .devices_by_id(&[id("dev-00007"), id("nobody")])
+        .await
+        .expect("read");
+    assert_eq!(
+        one,
+        store
+            .device(&id("dev-00007"))
+            .await
+            .expect("read")
+            .into_iter()
+            .collect::<Vec<_>>()
+    );
 }

@@ -106,6 +106,14 @@ impl Store for FakeStore {
         Err(StoreError::NotFound(id.clone()))
     }
 
+    async fn set_parent(&self, id: &DeviceId, _: Option<&DeviceId>) -> Result<Device, StoreError> {
+        Err(StoreError::NotFound(id.clone()))
+    }
+
+    async fn devices_by_id(&self, _: &[DeviceId]) -> Result<Vec<Device>, StoreError> {
+        Ok(Vec::new())
+    }
+
     async fn register(
         &self,
         _: &DeviceId,

@@ -70,6 +70,9 @@ pub struct Device {
     pub deadline_at: Option<Timestamp>,
     /// Its labels, from its heartbeats and the API.
     pub labels: Labels,
+    /// The device it is reached through (a gateway), from its heartbeats and the API;
+    /// `None`: it names none.
+    pub parent: Option<DeviceId>,
     #[serde(flatten)]
     pub report: Report,
 }
@@ -108,6 +111,19 @@ pub trait Store: Send + Sync + 'static {
         id: &DeviceId,
         offline_after: Option<Duration>,
     ) -> Result<Device, StoreError>;
+
+    /// Names the device `id` is reached through (`None` clears it); returns the
+    /// device. [`StoreError::NotFound`] if it does not exist. The parent need not
+    /// exist; that it is not `id` itself is the caller's to check.
+    async fn set_parent(
+        &self,
+        id: &DeviceId,
+        parent: Option<&DeviceId>,
+    ) -> Result<Device, StoreError>;
+
+    /// The devices `ids` names, in one query (a few thousand ids at a time), in no
+    /// particular order; ids of devices that do not exist are left out.
+    async fn devices_by_id(&self, ids: &[DeviceId]) -> Result<Vec<Device>, StoreError>;
 
     /// Registers a device an operator expects (status provisioning), unless the store
     /// already holds `max_devices`.
@@ -193,6 +209,8 @@ pub struct DeviceQuery {
     pub after: Option<DeviceId>,
     /// Only devices carrying every one of these labels.
     pub labels: Vec<LabelFilter>,
+    /// Only the devices that name this one as their parent.
+    pub parent: Option<DeviceId>,
     pub limit: u32,
 }
 

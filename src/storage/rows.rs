@@ -14,7 +14,7 @@ use crate::deadline;
 use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::status::Status;
-use crate::update::Report;
+use crate::update::{DeviceUpdate, Report};
 
 /// How a backend reads a column of each kind from one of its rows, by name.
 pub(crate) trait Columns {
@@ -46,6 +46,14 @@ pub(crate) trait Columns {
     fn device_id(&self, column: &str) -> Result<DeviceId, StoreError> {
         let text = self.required_text(column)?;
         DeviceId::parse(&text).map_err(|e| corrupt(format!("device id {text:?}: {e}")))
+    }
+
+    fn optional_device_id(&self, column: &str) -> Result<Option<DeviceId>, StoreError> {
+        self.text(column)?
+            .map(|text| {
+                DeviceId::parse(&text).map_err(|e| corrupt(format!("{column} {text:?}: {e}")))
+            })
+            .transpose()
     }
 
     /// A non-negative counter; a stored negative (which no write makes) reads as 0.
@@ -117,6 +125,7 @@ pub(crate) fn device(row: &impl Columns) -> Result<Device, StoreError> {
         interval: row.int("interval_ms")?.map(deadline::from_millis),
         deadline_at: row.time("deadline_at")?,
         labels: row.json("labels")?.unwrap_or_default(),
+        parent: row.optional_device_id("parent")?,
         report: Report {
             uptime_seconds: row.unsigned("uptime_seconds")?,
             free_memory: row.unsigned("free_memory")?,
@@ -126,6 +135,17 @@ pub(crate) fn device(row: &impl Columns) -> Result<Device, StoreError> {
             metrics: row.json("metrics")?,
         },
     })
+}
+
+/// A [`DeviceUpdate::parent`] as the one nullable text column the write statements
+/// take: NULL keeps the stored parent, `''` clears it (no device id is empty), an id
+/// sets it. The statements spell it `CASE WHEN p IS NULL THEN devices.parent ELSE
+/// nullif(p, '') END`, so a heartbeat that names no parent costs one NULL.
+pub(crate) fn parent_change(update: &DeviceUpdate) -> Option<&str> {
+    update
+        .parent
+        .as_ref()
+        .map(|parent| parent.as_ref().map_or("", DeviceId::as_str))
 }
 
 /// The payload columns of a row of `notifications`.

@@ -50,6 +50,7 @@ impl World {
             interval: None,
             deadline_at: deadline_ms.map(at),
             labels: Labels::default(),
+            parent: None,
             report: Default::default(),
         };
         self.devices

@@ -31,7 +31,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRo
 use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
-use super::rows::{Columns, clamp, corrupt, device, outbox_item, stored_event};
+use super::rows::{Columns, clamp, corrupt, device, outbox_item, parent_change, stored_event};
 use super::{Applied, Device, DeviceQuery, OutboxItem, Store, StoreError, Summary, TOMBSTONE};
 use crate::clock::Timestamp;
 use crate::credentials::CredentialHash;
@@ -205,6 +205,8 @@ struct Fields {
     os_info: Vec<Option<String>>,
     metrics: Vec<Option<String>>,
     labels: Vec<Option<String>>,
+    /// [`parent_change`]: NULL keeps the stored parent, `''` clears it.
+    parent: Vec<Option<String>>,
 }
 
 impl Fields {
@@ -234,10 +236,11 @@ impl Fields {
             .push(json(report.metrics.as_ref().map(serde_json::to_string))?);
         self.labels
             .push(update.labels.as_ref().map(Labels::to_json));
+        self.parent.push(parent_change(update).map(str::to_string));
         Ok(())
     }
 
-    /// Binds the thirteen arrays as `$1..$13` of [`unnest_fields!`].
+    /// Binds the fourteen arrays as `$1..$14` of [`unnest_fields!`].
     fn bind<'q>(
         self,
         query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
@@ -256,19 +259,20 @@ impl Fields {
             .bind(self.os_info)
             .bind(self.metrics)
             .bind(self.labels)
+            .bind(self.parent)
     }
 }
 
-/// The arrays [`Fields::bind`] binds as `$1..$13`, unpacked into named columns of `v`,
+/// The arrays [`Fields::bind`] binds as `$1..$14`, unpacked into named columns of `v`,
 /// followed by any further `array => column` pairs a statement binds after them.
 macro_rules! unnest_fields {
     ($($array:literal => $column:literal),*) => {
         concat!(
             "UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[], $4::bigint[], \
              $5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], \
-             $11::text[], $12::text[], $13::text[]", $(", ", $array,)* ") \
+             $11::text[], $12::text[], $13::text[], $14::text[]", $(", ", $array,)* ") \
              AS v(device_id, seen, device_time, skew, error, interval_ms, uptime, memory, \
-                  firmware, hostname, os_info, metrics, labels", $(", ", $column,)* ")"
+                  firmware, hostname, os_info, metrics, labels, parent", $(", ", $column,)* ")"
         )
     };
 }
@@ -290,7 +294,9 @@ macro_rules! set_fields {
          os_info = coalesce(v.os_info::jsonb, devices.os_info), \
          metrics = coalesce(v.metrics::jsonb, devices.metrics), \
          labels = CASE WHEN v.labels IS NULL THEN devices.labels \
-             ELSE coalesce(devices.labels, '{}'::jsonb) || v.labels::jsonb END"
+             ELSE coalesce(devices.labels, '{}'::jsonb) || v.labels::jsonb END, \
+         parent = CASE WHEN v.parent IS NULL THEN devices.parent \
+             ELSE nullif(v.parent, '') END"
     };
 }
 
@@ -306,7 +312,7 @@ macro_rules! device_columns {
         "device_id, status, last_seen_at, first_seen_at, status_changed_at, registered_at, \
          device_time, clock_skew_ms, error, offline_after_ms, interval_ms, deadline_at, \
          labels::text AS labels, uptime_seconds, free_memory, firmware_version, hostname, \
-         os_info::text AS os_info, metrics::text AS metrics"
+         os_info::text AS os_info, metrics::text AS metrics, parent"
     };
 }
 
@@ -319,7 +325,7 @@ mod notifications;
 /// another writer changed meanwhile). Returns the ids it could not refresh (the stored
 /// status differs, or the device is unknown): they take the full path.
 /// The deadline is computed in the write from the stored setting and interval, with
-/// the missed beats and default offline_after as `$15` and `$16`.
+/// the missed beats and default offline_after as `$16` and `$17`.
 const REFRESH_STEADY: &str = concat!(
     "UPDATE devices SET ",
     set_fields!(),
@@ -327,11 +333,11 @@ const REFRESH_STEADY: &str = concat!(
     offline_after!(
         "devices.offline_after_ms",
         "coalesce(v.interval_ms, devices.interval_ms)",
-        "$15",
-        "$16"
+        "$16",
+        "$17"
     ),
     " FROM ",
-    unnest_fields!("$14::text[]" => "status"),
+    unnest_fields!("$15::text[]" => "status"),
     " WHERE devices.device_id = v.device_id AND devices.status = v.status \
      RETURNING devices.device_id"
 );
@@ -344,9 +350,9 @@ const UPDATE_DECIDED: &str = concat!(
     set_fields!(),
     " FROM ",
     unnest_fields!(
-        "$14::text[]" => "status",
-        "$15::timestamptz[]" => "changed",
-        "$16::timestamptz[]" => "deadline"
+        "$15::text[]" => "status",
+        "$16::timestamptz[]" => "changed",
+        "$17::timestamptz[]" => "deadline"
     ),
     " WHERE devices.device_id = v.device_id"
 );
@@ -357,14 +363,15 @@ const INSERT_DECIDED: &str = concat!(
     "INSERT INTO devices (device_id, status, last_seen_at, first_seen_at, \
          status_changed_at, registered_at, device_time, clock_skew_ms, error, interval_ms, \
          deadline_at, uptime_seconds, free_memory, firmware_version, hostname, os_info, \
-         metrics, labels) \
+         metrics, labels, parent) \
      SELECT v.device_id, v.status, v.seen, v.seen, v.changed, v.changed, v.device_time, \
          v.skew, v.error, v.interval_ms, v.deadline, v.uptime, v.memory, v.firmware, \
-         v.hostname, v.os_info::jsonb, v.metrics::jsonb, v.labels::jsonb FROM ",
+         v.hostname, v.os_info::jsonb, v.metrics::jsonb, v.labels::jsonb, \
+         nullif(v.parent, '') FROM ",
     unnest_fields!(
-        "$14::text[]" => "status",
-        "$15::timestamptz[]" => "changed",
-        "$16::timestamptz[]" => "deadline"
+        "$15::text[]" => "status",
+        "$16::timestamptz[]" => "changed",
+        "$17::timestamptz[]" => "deadline"
     ),
     " ON CONFLICT (device_id) DO NOTHING RETURNING device_id"
 );
@@ -694,6 +701,40 @@ impl Store for PgStore {
         updated_device(row.as_ref(), id)
     }
 
+    async fn set_parent(
+        &self,
+        id: &DeviceId,
+        parent: Option<&DeviceId>,
+    ) -> Result<Device, StoreError> {
+        let row = sqlx::query(concat!(
+            "UPDATE devices SET parent = $2 WHERE device_id = $1 RETURNING ",
+            device_columns!()
+        ))
+        .bind(id.as_str())
+        .bind(parent.map(DeviceId::as_str))
+        .fetch_optional(&self.pool)
+        .await?;
+        updated_device(row.as_ref(), id)
+    }
+
+    async fn devices_by_id(&self, ids: &[DeviceId]) -> Result<Vec<Device>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = ids.iter().map(DeviceId::as_str).collect();
+        sqlx::query(concat!(
+            "SELECT ",
+            device_columns!(),
+            " FROM devices WHERE device_id = ANY($1)"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(device)
+        .collect()
+    }
+
     async fn register(
         &self,
         id: &DeviceId,
@@ -820,6 +861,10 @@ impl Store for PgStore {
         }
         if let Some(after) = &query.after {
             sql.push(" AND device_id > ").push_bind(after.to_string());
+        }
+        // The partial index on (parent, device_id): a gateway's children in id order.
+        if let Some(parent) = &query.parent {
+            sql.push(" AND parent = ").push_bind(parent.to_string());
         }
         if !query.labels.is_empty() {
             // No index (see the migration): read in id order until the page is full.

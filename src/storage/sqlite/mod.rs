@@ -26,7 +26,7 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
-use super::rows::{Columns, clamp, corrupt, device, outbox_item, stored_event};
+use super::rows::{Columns, clamp, corrupt, device, outbox_item, parent_change, stored_event};
 use super::{Applied, Device, DeviceQuery, OutboxItem, Store, StoreError, Summary, TOMBSTONE};
 use crate::clock::Timestamp;
 use crate::credentials::CredentialHash;
@@ -256,7 +256,7 @@ const SELECT_CURRENT: &str = "SELECT device_id, status, last_seen_at, status_cha
 const INSERT_DEVICES: &str = "INSERT INTO devices (device_id, status, last_seen_at, \
      first_seen_at, status_changed_at, registered_at, device_time, clock_skew_ms, error, \
      interval_ms, deadline_at, labels, \
-     uptime_seconds, free_memory, firmware_version, hostname, os_info, metrics) ";
+     uptime_seconds, free_memory, firmware_version, hostname, os_info, metrics, parent) ";
 
 const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
          status = excluded.status, \
@@ -275,12 +275,14 @@ const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
          firmware_version = coalesce(excluded.firmware_version, devices.firmware_version), \
          hostname = coalesce(excluded.hostname, devices.hostname), \
          os_info = coalesce(excluded.os_info, devices.os_info), \
-         metrics = coalesce(excluded.metrics, devices.metrics)";
+         metrics = coalesce(excluded.metrics, devices.metrics), \
+         parent = CASE WHEN excluded.parent IS NULL THEN devices.parent \
+             ELSE nullif(excluded.parent, '') END";
 
-/// `column1..column14` of the VALUES list: id, status, seen, device_time,
+/// `column1..column15` of the VALUES list: id, status, seen, device_time,
 /// clock_skew_ms, error, interval, the six report columns, labels (merged key by key
-/// into the stored ones). The deadline comes last, [`offline_after!`] spelled out:
-/// its two parameters (missed beats, default offline_after) are bound by
+/// into the stored ones), parent ([`parent_change`]: NULL keeps it). The deadline
+/// comes last, [`offline_after!`] spelled out: its two parameters (missed beats, default offline_after) are bound by
 /// [`refresh_steady`] in text order, before the VALUES.
 const REFRESH_STEADY: &str = "UPDATE devices SET \
          last_seen_at = coalesce(v.column3, devices.last_seen_at), \
@@ -296,6 +298,8 @@ const REFRESH_STEADY: &str = "UPDATE devices SET \
          metrics = coalesce(v.column13, devices.metrics), \
          labels = CASE WHEN v.column14 IS NULL THEN devices.labels \
              ELSE json_patch(coalesce(devices.labels, '{}'), v.column14) END, \
+         parent = CASE WHEN v.column15 IS NULL THEN devices.parent \
+             ELSE nullif(v.column15, '') END, \
          deadline_at = coalesce(v.column3, devices.last_seen_at) + coalesce(\
              devices.offline_after_ms, coalesce(v.column7, devices.interval_ms) * ";
 
@@ -320,11 +324,12 @@ macro_rules! device_columns {
     () => {
         "device_id, status, last_seen_at, first_seen_at, status_changed_at, registered_at, \
          device_time, clock_skew_ms, error, offline_after_ms, interval_ms, deadline_at, \
-         labels, uptime_seconds, free_memory, firmware_version, hostname, os_info, metrics"
+         labels, uptime_seconds, free_memory, firmware_version, hostname, os_info, metrics, \
+         parent"
     };
 }
 
-/// Largest chunk of rows per statement: 1024 rows of 18 columns stay well under
+/// Largest chunk of rows per statement: 1024 rows of 19 columns stay well under
 /// SQLite's 32,766 bound parameters.
 const MAX_CHUNK: usize = 1024;
 
@@ -347,8 +352,13 @@ fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
 }
 
 /// Writes the rows [`rules::decide`] returned: inserted, or updated where a device
-/// exists (a column the update leaves NULL keeps its stored value).
-async fn upsert_devices(tx: &mut WriteTx, rows: &[rules::Row<'_>]) -> Result<(), StoreError> {
+/// exists (a column the update leaves NULL keeps its stored value). `current` holds
+/// the devices that existed when read.
+async fn upsert_devices(
+    tx: &mut WriteTx,
+    rows: &[rules::Row<'_>],
+    current: &HashMap<String, Current>,
+) -> Result<(), StoreError> {
     for chunk in chunks(rows) {
         let reports = chunk
             .iter()
@@ -372,6 +382,14 @@ async fn upsert_devices(tx: &mut WriteTx, rows: &[rules::Row<'_>]) -> Result<(),
                 .push_bind(row.deadline_at.map(Timestamp::unix_millis))
                 .push_bind(row.update.labels.as_ref().map(Labels::to_json));
             report.bind(&mut values);
+            // A new device has no parent to keep: its row takes no `''` (clear).
+            let parent = parent_change(row.update);
+            let parent = if current.contains_key(row.update.device.as_str()) {
+                parent
+            } else {
+                parent.filter(|p| !p.is_empty())
+            };
+            values.push_bind(parent.map(str::to_string));
         });
         query.push(ON_CONFLICT_UPDATE);
         query.build().execute(&mut **tx).await?;
@@ -416,7 +434,9 @@ async fn refresh_steady(
                     .push_bind(refresh.error.map(str::to_string))
                     .push_bind(update.interval.map(deadline::millis));
                 report.bind(&mut values);
-                values.push_bind(update.labels.as_ref().map(Labels::to_json));
+                values
+                    .push_bind(update.labels.as_ref().map(Labels::to_json))
+                    .push_bind(parent_change(update).map(str::to_string));
             },
         );
         query.push(REFRESH_STEADY_WHERE);
@@ -549,7 +569,7 @@ impl Store for SqliteStore {
         let refused = registration::admit(newcomers, stored, new);
         let Decision { rows, events } =
             rules::decide(&updates, &current, &refused, &self.deadlines);
-        upsert_devices(&mut tx, &rows).await?;
+        upsert_devices(&mut tx, &rows, &current).await?;
         insert_events(&mut tx, &events).await?;
         tx.commit().await?;
         Ok(Applied {
@@ -628,6 +648,41 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?;
         updated_device(tx, row, id).await
+    }
+
+    async fn set_parent(
+        &self,
+        id: &DeviceId,
+        parent: Option<&DeviceId>,
+    ) -> Result<Device, StoreError> {
+        let mut tx = self.write().await?;
+        let row = sqlx::query(concat!(
+            "UPDATE devices SET parent = ?2 WHERE device_id = ?1 RETURNING ",
+            device_columns!()
+        ))
+        .bind(id.as_str())
+        .bind(parent.map(DeviceId::as_str))
+        .fetch_optional(&mut *tx)
+        .await?;
+        updated_device(tx, row, id).await
+    }
+
+    async fn devices_by_id(&self, ids: &[DeviceId]) -> Result<Vec<Device>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = ids.iter().map(DeviceId::as_str).collect();
+        sqlx::query(concat!(
+            "SELECT ",
+            device_columns!(),
+            " FROM devices WHERE device_id IN (SELECT value FROM json_each(?1))"
+        ))
+        .bind(to_json(&ids)?)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(device)
+        .collect()
     }
 
     async fn register(
@@ -762,6 +817,10 @@ impl Store for SqliteStore {
         }
         if let Some(after) = &query.after {
             sql.push(" AND device_id > ").push_bind(after.to_string());
+        }
+        // The partial index on (parent, device_id): a gateway's children in id order.
+        if let Some(parent) = &query.parent {
+            sql.push(" AND parent = ").push_bind(parent.to_string());
         }
         // Keys are plain (letters, digits, `_ . / -`), so a quoted path is safe. No
         // index: a label filter reads devices in id order until the page is full.
