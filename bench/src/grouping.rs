@@ -104,6 +104,7 @@ pub async fn grouping(dir: &Path, scale: &Scale, report: &mut Report) -> Result<
                 lwt: false,
                 declare_interval: false,
                 labels: vec![("site".into(), format!("site-{site:03}"))],
+                parent: None,
             })
         })
         .collect();

@@ -43,6 +43,7 @@ pub(crate) fn fleet(
         lwt: false,
         declare_interval: false,
         labels: Vec::new(),
+        parent: None,
     }
 }
 

@@ -145,6 +145,7 @@ fn fleet(
         lwt: false,
         declare_interval: false,
         labels: Vec::new(),
+        parent: None,
     })
 }
 

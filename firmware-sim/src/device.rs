@@ -29,6 +29,8 @@ pub struct DeviceConfig {
     pub declare_interval: bool,
     /// Labels every heartbeat declares, `(key, value)`.
     pub labels: Vec<(String, String)>,
+    /// The device every heartbeat names as its `parent` (a gateway's id).
+    pub parent: Option<String>,
 }
 
 impl DeviceConfig {
@@ -43,7 +45,14 @@ impl DeviceConfig {
             connect_timeout: Duration::from_secs(10),
             declare_interval: false,
             labels: Vec::new(),
+            parent: None,
         }
+    }
+
+    /// Names `id` (a gateway) as the device's `parent` in every heartbeat.
+    pub fn parent(mut self, id: impl Into<String>) -> Self {
+        self.parent = Some(id.into());
+        self
     }
 
     /// Declares `key: value` in every heartbeat (adds to any given before).
@@ -263,6 +272,7 @@ impl Beater {
             self.error.as_deref(),
             self.config.declare_interval.then_some(self.config.interval),
             &self.config.labels,
+            self.config.parent.as_deref(),
         );
         let topic = format!("devices/{}/heartbeat", self.config.id);
         self.client

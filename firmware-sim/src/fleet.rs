@@ -38,6 +38,9 @@ pub struct FleetConfig {
     pub declare_interval: bool,
     /// Labels every device's heartbeats declare, `(key, value)`.
     pub labels: Vec<(String, String)>,
+    /// The device every device's heartbeats name as their `parent` (a gateway's id);
+    /// a device of the fleet with that very id names none.
+    pub parent: Option<String>,
 }
 
 impl FleetConfig {
@@ -185,6 +188,7 @@ async fn run_connection(
             error,
             config.declare_interval.then_some(config.interval),
             &config.labels,
+            config.parent.as_deref().filter(|parent| *parent != id),
         );
         match client
             .publish(
@@ -242,6 +246,7 @@ mod tests {
             lwt: false,
             declare_interval: false,
             labels: Vec::new(),
+            parent: None,
         };
         assert_eq!(config.device_id(7), "sim-007");
         assert_eq!(config.device_id(999), "sim-999");

@@ -52,9 +52,30 @@ struct Args {
     /// can list the simulated fleet by it (`GET /api/v1/devices?label=KEY:VALUE`).
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// The device id every heartbeat names as its parent (the gateway the devices are
+    /// reached through), so the hub can list them (`GET /api/v1/devices?parent=ID`).
+    #[arg(long, value_parser = parse_parent)]
+    parent: Option<String>,
     /// Stop after this long (default: run until Ctrl-C).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
+}
+
+/// A device id as the hub takes one: `^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$`.
+fn parse_parent(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let valid = bytes.len() <= 128
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "{text:?} is not a device id (letters, digits and _ . : -, starting with a letter or digit, up to 128)"
+        ))
+    }
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -105,6 +126,7 @@ async fn main() -> ExitCode {
         lwt: args.lwt,
         declare_interval: args.declare_interval,
         labels: args.labels,
+        parent: args.parent,
     };
     let connections = config.connections.clamp(1, config.devices);
     println!(

@@ -4,18 +4,20 @@ use serde_json::json;
 /// A heartbeat as typical firmware sends it (about 300 bytes). `error` makes it an
 /// error heartbeat carrying that text.
 pub fn heartbeat_payload(device_id: &str, uptime_seconds: u64, error: Option<&str>) -> Vec<u8> {
-    heartbeat_declaring(device_id, uptime_seconds, error, None, &[])
+    heartbeat_declaring(device_id, uptime_seconds, error, None, &[], None)
 }
 
 /// As [`heartbeat_payload`], declaring the device's heartbeat `interval` (in seconds)
 /// when one is given (the hub then takes it offline after that many missed beats) and
-/// its `labels`, `(key, value)` pairs, when there are any.
+/// its `labels`, `(key, value)` pairs, when there are any, and the `parent` (a
+/// gateway's id) it is reached through, when it names one.
 pub fn heartbeat_declaring(
     device_id: &str,
     uptime_seconds: u64,
     error: Option<&str>,
     interval: Option<std::time::Duration>,
     labels: &[(String, String)],
+    parent: Option<&str>,
 ) -> Vec<u8> {
     let mut body = json!({
         "timestamp": Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
@@ -45,6 +47,9 @@ pub fn heartbeat_declaring(
             .collect();
         map.insert("labels".into(), serde_json::Value::Object(labels));
     }
+    if let (Some(parent), Some(map)) = (parent, body.as_object_mut()) {
+        map.insert("parent".into(), json!(parent));
+    }
     serde_json::to_vec(&body).unwrap_or_default()
 }
 
@@ -61,12 +66,18 @@ mod tests {
             None,
             Some(std::time::Duration::from_millis(2_500)),
             &labels,
+            Some("gw-1"),
         ))
         .expect("json");
         assert_eq!(body["interval"], json!(2.5));
         assert_eq!(body["labels"], json!({"site": "north"}));
+        assert_eq!(body["parent"], json!("gw-1"));
         let plain: serde_json::Value =
             serde_json::from_slice(&heartbeat_payload("pump-1", 5, None)).expect("json");
-        assert!(plain.get("interval").is_none() && plain.get("labels").is_none());
+        assert!(
+            plain.get("interval").is_none()
+                && plain.get("labels").is_none()
+                && plain.get("parent").is_none()
+        );
     }
 }

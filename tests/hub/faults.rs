@@ -76,6 +76,7 @@ pub fn fleet(url: &BrokerUrl, prefix: &str, devices: u64, interval: Duration) ->
         lwt: false,
         declare_interval: false,
         labels: Vec::new(),
+        parent: None,
     })
 }
 

@@ -18,6 +18,7 @@ mod lockdown;
 mod logins;
 mod mosquitto;
 mod notify;
+mod parent;
 mod policy;
 mod receiver;
 mod registration;

@@ -44,6 +44,7 @@ fn fleet(app: &TestApp, prefix: &str, devices: u64, site: &str) -> Fleet {
         lwt: false,
         declare_interval: false,
         labels: vec![("site".into(), site.into())],
+        parent: None,
     })
 }
 

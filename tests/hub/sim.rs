@@ -23,6 +23,7 @@ async fn a_finished_fleet_has_delivered_every_heartbeat_it_counted_as_sent() {
         lwt: true,
         declare_interval: false,
         labels: Vec::new(),
+        parent: None,
     });
     let stats = Arc::clone(&fleet.stats);
     eventually(PATIENCE, "the fleet to send", || async {
