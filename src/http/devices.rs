@@ -218,6 +218,35 @@ where
     Option::<T>::deserialize(d).map(Some)
 }
 
+/// A request body that must be a JSON object: serde's derived code would also read a
+/// struct from an array (`[null, null]` as a [`DeviceChange`] naming both fields),
+/// which the document does not allow.
+#[derive(Debug)]
+pub struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{MapAccess, Visitor, value::MapAccessDeserializer};
+
+        struct ObjectOnly<T>(std::marker::PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectOnly<T> {
+            type Value = T;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+
+        d.deserialize_map(ObjectOnly(std::marker::PhantomData))
+            .map(Object)
+    }
+}
+
 /// Change a device's own settings: its `offline_after`, which moves its pending
 /// deadline at once, and its `parent`.
 #[utoipa::path(patch, path = "/api/v1/devices/{id}", tag = "devices",
@@ -236,10 +265,10 @@ where
 pub async fn change(
     State(state): State<HttpState>,
     Path(id): Path<String>,
-    body: Result<Json<DeviceChange>, JsonRejection>,
+    body: Result<Json<Object<DeviceChange>>, JsonRejection>,
 ) -> Result<Json<Device>, ApiError> {
     let id = device_id(&id)?;
-    let Json(change) = body.map_err(from_rejection)?;
+    let Json(Object(change)) = body.map_err(from_rejection)?;
     // Every value is checked before anything is written.
     let offline_after = change
         .offline_after

@@ -156,6 +156,13 @@ async fn children_name_their_gateway_and_the_api_lists_and_changes_them() {
     assert!(body.to_string().contains("is the device itself"), "{body}");
     let (status, body) = patch(&app, "solo", json!({"parent": "gw/1"})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    // An array is no change, even one that a struct's fields could be read from.
+    let (status, body) = patch(&app, "solo", json!([null, null])).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(
+        app.stored("solo").await.and_then(|d| d.offline_after),
+        Some(Duration::from_secs(3600))
+    );
     let (status, body) = patch(&app, "nobody", json!({"parent": "gw-1"})).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     let response = app.send(Method::GET, "/api/v1/devices?parent=-gw").await;
