@@ -1320,6 +1320,8 @@ pub(crate) async fn a_heartbeat_names_the_parent_in_every_write_path_and_null_cl
     assert_eq!(parent_of(&store, "a").await, None);
 }
 
+/// The API sets and clears a parent; a gateway's children are listed (with the other
+/// filters, a page at a time) and counted.
 pub(crate) async fn set_parent_names_or_clears_it_and_the_parent_filter_lists_the_children(
     store: Arc<dyn Store>,
 ) {
@@ -1357,6 +1359,8 @@ pub(crate) async fn set_parent_names_or_clears_it_and_the_parent_filter_lists_th
         }
     };
     assert_eq!(children("gw", None, None, 10).await, ["d1", "d2", "d5"]);
+    assert_eq!(store.count_children(&id("gw")).await.expect("count"), 3);
+    assert_eq!(store.count_children(&id("d1")).await.expect("count"), 0);
     assert_eq!(children("gw", None, Some("d1"), 1).await, ["d2"]);
     assert_eq!(children("gw", Some(Status::Error), None, 10).await, ["d5"]);
     assert_eq!(children("gw-2", None, None, 10).await, ["d3"]);
@@ -1365,6 +1369,7 @@ pub(crate) async fn set_parent_names_or_clears_it_and_the_parent_filter_lists_th
     assert_eq!(cleared.parent, None);
     assert_eq!(parent_of(&store, "d2").await, None);
     assert_eq!(children("gw", None, None, 10).await, ["d1", "d5"]);
+    assert_eq!(store.count_children(&id("gw")).await.expect("count"), 2);
     assert!(matches!(
         store.set_parent(&id("nobody"), Some(&id("gw"))).await,
         Err(StoreError::NotFound(_))

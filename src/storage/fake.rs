@@ -110,6 +110,10 @@ impl Store for FakeStore {
         Err(StoreError::NotFound(id.clone()))
     }
 
+    async fn count_children(&self, _: &DeviceId) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
     async fn devices_by_id(&self, _: &[DeviceId]) -> Result<Vec<Device>, StoreError> {
         Ok(Vec::new())
     }

@@ -121,6 +121,10 @@ pub trait Store: Send + Sync + 'static {
         parent: Option<&DeviceId>,
     ) -> Result<Device, StoreError>;
 
+    /// How many devices name `parent` as theirs: one count over the parent index (their
+    /// ids, a page at a time: [`DeviceQuery::parent`]).
+    async fn count_children(&self, parent: &DeviceId) -> Result<u64, StoreError>;
+
     /// The devices `ids` names, in one query (a few thousand ids at a time), in no
     /// particular order; ids of devices that do not exist are left out.
     async fn devices_by_id(&self, ids: &[DeviceId]) -> Result<Vec<Device>, StoreError>;

@@ -667,6 +667,14 @@ impl Store for SqliteStore {
         updated_device(tx, row, id).await
     }
 
+    async fn count_children(&self, parent: &DeviceId) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM devices WHERE parent = ?1")
+            .bind(parent.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
     async fn devices_by_id(&self, ids: &[DeviceId]) -> Result<Vec<Device>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
