@@ -226,15 +226,10 @@ impl Known {
     pub fn of(device: &Device, deadlines: &Deadlines) -> Self {
         Self {
             labels: device.labels.clone(),
-            parent: device_parent(device),
+            parent: device.parent.clone(),
             offline_after: Some(deadlines.offline_after(device.offline_after, device.interval)),
         }
     }
-}
-
-/// A device's parent, once devices have one.
-fn device_parent(_device: &Device) -> Option<DeviceId> {
-    None
 }
 
 fn is_down(status: Status) -> bool {
@@ -718,21 +713,27 @@ pub struct StoreFacts(pub std::sync::Arc<dyn crate::storage::Store>);
 #[async_trait]
 impl Facts for StoreFacts {
     async fn devices(&self, ids: &[DeviceId]) -> Result<Vec<Device>, StoreError> {
-        let mut devices = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(device) = self.0.device(id).await? {
-                devices.push(device);
-            }
-        }
-        Ok(devices)
+        self.0.devices_by_id(ids).await
     }
 
     async fn children(
         &self,
-        _parent: &DeviceId,
-        _limit: usize,
+        parent: &DeviceId,
+        limit: usize,
     ) -> Result<(u64, Vec<DeviceId>), StoreError> {
-        Ok((0, Vec::new()))
+        let count = self.0.count_children(parent).await?;
+        if count == 0 {
+            return Ok((0, Vec::new()));
+        }
+        let first = self
+            .0
+            .devices(&crate::storage::DeviceQuery {
+                parent: Some(parent.clone()),
+                limit: u32::try_from(limit).unwrap_or(u32::MAX),
+                ..Default::default()
+            })
+            .await?;
+        Ok((count, first.into_iter().map(|d| d.device_id).collect()))
     }
 
     async fn quiet(&self, _now: Timestamp) -> Result<Box<dyn Quiet>, StoreError> {

@@ -31,8 +31,8 @@ fn slack(name: &str, url: String) -> SinkSettings {
     }
 }
 
-fn fleet(app: &TestApp, prefix: &str, devices: u64, site: &str) -> Fleet {
-    Fleet::start(FleetConfig {
+fn fleet(app: &TestApp, prefix: &str, devices: u64, site: &str) -> FleetConfig {
+    FleetConfig {
         url: app.url.clone(),
         devices,
         interval: BEAT,
@@ -45,7 +45,7 @@ fn fleet(app: &TestApp, prefix: &str, devices: u64, site: &str) -> Fleet {
         declare_interval: false,
         labels: vec![("site".into(), site.into())],
         parent: None,
-    })
+    }
 }
 
 /// The `type` of each accepted webhook, in arrival order.
@@ -76,7 +76,7 @@ async fn a_storm_at_one_site_is_one_message_per_sink_and_a_few_devices_are_told_
     .await;
     let mut watcher = app.watch().await;
 
-    let north = fleet(&app, "north-", 300, "north");
+    let north = Fleet::start(fleet(&app, "north-", 300, "north"));
     watcher
         .wait_for_devices(Status::Online, 300, PATIENCE)
         .await;
@@ -110,14 +110,14 @@ async fn a_storm_at_one_site_is_one_message_per_sink_and_a_few_devices_are_told_
         "{text}"
     );
 
-    let north = fleet(&app, "north-", 300, "north");
+    let north = Fleet::start(fleet(&app, "north-", 300, "north"));
     hooks.wait_for_accepted(2, PATIENCE).await;
     chat.wait_for_accepted(2, PATIENCE).await;
     watcher.collect_for(Duration::from_secs(3)).await;
     assert_eq!(types(&hooks), ["devices.offline", "devices.recovered"]);
     assert_eq!(hooks.accepted()[1].json()["data"]["count"], 300);
 
-    let south = fleet(&app, "south-", 10, "south");
+    let south = Fleet::start(fleet(&app, "south-", 10, "south"));
     watcher
         .wait_for_devices(Status::Online, 310, PATIENCE)
         .await;
@@ -288,4 +288,83 @@ async fn after_a_restart_nothing_is_told_until_the_startup_grace_has_passed() {
         watcher.unread("keeps-beating")
     );
     hub.kill().await;
+}
+
+/// `(type, device, behind)` of each accepted webhook, in arrival order.
+fn told(receiver: &Receiver) -> Vec<(String, String, u64)> {
+    receiver
+        .accepted()
+        .iter()
+        .map(|r| {
+            let body = r.json();
+            (
+                body["type"].as_str().unwrap_or_default().to_string(),
+                body["data"]["device_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                body["data"]["behind"]["count"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_behind_a_dead_gateway_are_one_message_and_one_recovery() {
+    let _heavy = heavy().await;
+    let hooks = Receiver::start().await;
+    let app = spawn_app_with(Broker::Embedded, |s| {
+        s.notify.sinks = vec![webhook("ops", hooks.url("/hooks"))];
+    })
+    .await;
+    let mut watcher = app.watch().await;
+    let children_of = |app: &TestApp| {
+        let mut config = fleet(app, "child-", 100, "north");
+        config.parent = Some("gw-1".into());
+        Fleet::start(config)
+    };
+    let gateway = app.device("gw-1", BEAT).await;
+    watcher.expect("gw-1", Status::Online, "registered").await;
+    // The gateway's deadline is the shorter: it is found dead first.
+    let response = app
+        .request(reqwest::Method::PATCH, "/api/v1/devices/gw-1")
+        .json(&serde_json::json!({"offline_after": "1s"}))
+        .send()
+        .await
+        .expect("request");
+    assert!(response.status().is_success(), "{}", response.status());
+    let children = children_of(&app);
+    watcher
+        .wait_for_devices(Status::Online, 101, PATIENCE)
+        .await;
+
+    // The site loses power: gateway and children fall silent together.
+    gateway.silence().await.expect("silence");
+    children.stop().await;
+    watcher
+        .wait_for_devices(Status::Offline, 101, PATIENCE)
+        .await;
+    hooks.wait_for_accepted(1, PATIENCE).await;
+    watcher.collect_for(Duration::from_secs(2)).await;
+    assert_eq!(
+        told(&hooks),
+        [("device.offline".to_string(), "gw-1".to_string(), 100)],
+        "one message, naming the gateway and the 100 behind it"
+    );
+
+    // Power is back.
+    gateway.resume().await.expect("resume");
+    let children = children_of(&app);
+    watcher
+        .wait_for_devices(Status::Online, 101, PATIENCE)
+        .await;
+    hooks.wait_for_accepted(2, PATIENCE).await;
+    watcher.collect_for(OFFLINE_AFTER * 2).await;
+    assert_eq!(
+        told(&hooks)[1..],
+        [("device.recovered".to_string(), "gw-1".to_string(), 0)],
+        "one recovery"
+    );
+    children.stop().await;
+    app.stop().await;
 }
