@@ -412,6 +412,29 @@ impl Store for RecordWrites {
     async fn revoke_credential(&self, id: &DeviceId) -> Result<(), StoreError> {
         self.inner.revoke_credential(id).await
     }
+
+    async fn create_silence(
+        &self,
+        new: &crate::silence::NewSilence,
+        now: Timestamp,
+    ) -> Result<crate::silence::Silence, StoreError> {
+        self.inner.create_silence(new, now).await
+    }
+
+    async fn silences(
+        &self,
+        ending_after: Timestamp,
+    ) -> Result<Vec<crate::silence::Silence>, StoreError> {
+        self.inner.silences(ending_after).await
+    }
+
+    async fn expire_silence(
+        &self,
+        id: i64,
+        now: Timestamp,
+    ) -> Result<crate::silence::Silence, StoreError> {
+        self.inner.expire_silence(id, now).await
+    }
 }
 
 #[cfg(test)]

@@ -121,6 +121,11 @@ impl Labels {
         self.0.get(key).map(String::as_str)
     }
 
+    /// Each `(key, value)`, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// Sets the keys `newer` carries, keeping the others (how a heartbeat's labels
     /// apply).
     pub fn merge(&mut self, newer: Labels) {

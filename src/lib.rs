@@ -23,7 +23,8 @@
 //!
 //! [`app`] wires them together with an ordered shutdown; [`config`] and [`cli`] are
 //! the edges; [`clock`] is the one source of time; [`metrics`] counts; [`health`] is
-//! what the parts report about whether the hub can do its job.
+//! what the parts report about whether the hub can do its job. [`silence`] says which
+//! devices an operator's maintenance windows cover.
 
 pub mod alerts;
 pub mod app;
@@ -45,6 +46,7 @@ pub mod notify;
 pub mod open_files;
 pub mod registration;
 pub mod rules;
+pub mod silence;
 pub mod status;
 pub mod storage;
 pub mod update;

@@ -14,11 +14,13 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::HttpState;
 use super::error::{ApiError, ErrorBody, from_rejection};
+use crate::clock::Timestamp;
 use crate::device::DeviceId;
 use crate::event::StatusEvent;
 use crate::heartbeat::{FlushError, Inbound, Outcome, PayloadError, payload};
 use crate::labels::{LabelFilter, Labels};
 use crate::registration::Refusal;
+use crate::silence::{Silence, silenced_until};
 use crate::status::Status;
 use crate::storage::{Device, DeviceQuery, StoreError, Summary};
 
@@ -78,10 +80,32 @@ pub struct ListParams {
     limit: Option<u32>,
 }
 
+/// A device as the listing and the device route show it: as stored, and whether a
+/// silence covers it now (computed from the silences, not stored with the device).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeviceView {
+    #[serde(flatten)]
+    device: Device,
+    /// While silenced: the latest end of the silences covering it now. Absent
+    /// otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    silenced_until: Option<Timestamp>,
+}
+
+impl DeviceView {
+    fn new(device: Device, silences: &[Silence], now: Timestamp) -> Self {
+        let silenced_until = silenced_until(silences, &device.device_id, &device.labels, now);
+        Self {
+            device,
+            silenced_until,
+        }
+    }
+}
+
 /// A page of devices, in id order.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeviceList {
-    devices: Vec<Device>,
+    devices: Vec<DeviceView>,
     /// Pass as `cursor` for the next page; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
     next_cursor: Option<String>,
@@ -136,8 +160,13 @@ pub async fn list(
         })
         .await?;
     let next_cursor = next_page(&mut devices, limit, |d| d.device_id.to_string());
+    let now = state.clock.now();
+    let silences = state.store.silences(now).await?;
     Ok(Json(DeviceList {
-        devices,
+        devices: devices
+            .into_iter()
+            .map(|device| DeviceView::new(device, &silences, now))
+            .collect(),
         next_cursor,
     }))
 }
@@ -147,7 +176,7 @@ pub async fn list(
     params(("id" = String, Path, description = "Device id", pattern = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", max_length = 128)),
     security(("api_key" = [])),
     responses(
-        (status = 200, description = "The device", body = Device),
+        (status = 200, description = "The device", body = DeviceView),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "No such device", body = ErrorBody),
         (status = 422, description = "Not a valid device id", body = ErrorBody),
@@ -156,14 +185,16 @@ pub async fn list(
 pub async fn get(
     State(state): State<HttpState>,
     Path(id): Path<String>,
-) -> Result<Json<Device>, ApiError> {
+) -> Result<Json<DeviceView>, ApiError> {
     let id = device_id(&id)?;
-    state
+    let device = state
         .store
         .device(&id)
         .await?
-        .map(Json)
-        .ok_or_else(|| StoreError::NotFound(id).into())
+        .ok_or(StoreError::NotFound(id))?;
+    let now = state.clock.now();
+    let silences = state.store.silences(now).await?;
+    Ok(Json(DeviceView::new(device, &silences, now)))
 }
 
 /// Replace a device's labels (its heartbeats' `labels` set keys again as they arrive).

@@ -65,6 +65,9 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound(id) => ApiError::NotFound(format!("device {id} not found")),
+            StoreError::SilenceNotFound(id) => {
+                ApiError::NotFound(format!("silence {id} not found"))
+            }
             StoreError::AlreadyExists(id) => {
                 ApiError::Conflict(format!("device {id} already exists"))
             }

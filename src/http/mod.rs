@@ -11,6 +11,7 @@ mod error;
 mod live;
 mod ops;
 mod server;
+mod silences;
 mod sinks;
 
 use std::sync::Arc;
@@ -78,6 +79,7 @@ pub struct HttpState {
     tags(
         (name = "devices", description = "The fleet: devices, history, heartbeats, live updates"),
         (name = "notifications", description = "Sinks that tell people: webhook, Telegram, Slack"),
+        (name = "silences", description = "Maintenance windows: devices whose notifications are held"),
         (name = "operations", description = "Health, metrics, the dashboard")
     )
 )]
@@ -134,6 +136,8 @@ pub fn router(state: HttpState, limits: RequestLimits) -> Router {
         .routes(routes!(sinks::dead_letters))
         .routes(routes!(sinks::retry))
         .routes(routes!(sinks::drop_dead))
+        .routes(routes!(silences::create, silences::list))
+        .routes(routes!(silences::expire))
         .routes(routes!(openapi_json))
         .layer(middleware::from_fn_with_state(
             state.clone(),

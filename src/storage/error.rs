@@ -6,6 +6,8 @@ pub enum StoreError {
     NotFound(DeviceId),
     #[error("device {0} already exists")]
     AlreadyExists(DeviceId),
+    #[error("silence {0} not found")]
+    SilenceNotFound(i64),
     #[error("devices.max_devices ({0}) reached")]
     DeviceLimit(u64),
     #[error("unsupported database url {0:?} (expected sqlite://PATH or postgres://USER@HOST/DB)")]

@@ -33,6 +33,8 @@ pub struct FakeStore {
     pub attempts: Mutex<u32>,
     /// While set, `apply` never returns (a write lock held elsewhere, for ever).
     pub hanging: std::sync::atomic::AtomicBool,
+    /// Silences, as the real stores keep them.
+    pub silences: Mutex<Vec<crate::silence::Silence>>,
 }
 
 impl FakeStore {
@@ -184,5 +186,54 @@ impl Store for FakeStore {
 
     async fn revoke_credential(&self, id: &DeviceId) -> Result<(), StoreError> {
         Err(StoreError::NotFound(id.clone()))
+    }
+
+    async fn create_silence(
+        &self,
+        new: &crate::silence::NewSilence,
+        now: Timestamp,
+    ) -> Result<crate::silence::Silence, StoreError> {
+        let mut silences = self.silences.lock().expect("lock");
+        let silence = crate::silence::Silence {
+            id: silences.len() as i64 + 1,
+            matcher: new.matcher.clone(),
+            starts_at: new.starts_at,
+            ends_at: new.ends_at,
+            comment: new.comment.clone(),
+            created_at: now,
+        };
+        silences.push(silence.clone());
+        Ok(silence)
+    }
+
+    async fn silences(
+        &self,
+        ending_after: Timestamp,
+    ) -> Result<Vec<crate::silence::Silence>, StoreError> {
+        let mut found: Vec<_> = self
+            .silences
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|s| s.ends_at > ending_after)
+            .cloned()
+            .collect();
+        found.sort_by_key(|s| (s.starts_at, s.id));
+        Ok(found)
+    }
+
+    async fn expire_silence(
+        &self,
+        id: i64,
+        now: Timestamp,
+    ) -> Result<crate::silence::Silence, StoreError> {
+        let mut silences = self.silences.lock().expect("lock");
+        let silence = silences
+            .iter_mut()
+            .find(|s| s.id == id)
+            .ok_or(StoreError::SilenceNotFound(id))?;
+        silence.ends_at = silence.ends_at.min(now);
+        silence.starts_at = silence.starts_at.min(now);
+        Ok(silence.clone())
     }
 }

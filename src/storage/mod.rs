@@ -12,6 +12,8 @@
 mod conformance;
 #[cfg(test)]
 mod notify_conformance;
+#[cfg(test)]
+mod silence_conformance;
 
 mod error;
 #[cfg(test)]
@@ -20,6 +22,7 @@ pub mod leader;
 pub mod notifications;
 pub mod postgres;
 mod rows;
+mod silences;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -38,6 +41,7 @@ use crate::device::DeviceId;
 use crate::event::{StatusEvent, StoredEvent};
 use crate::labels::{LabelFilter, Labels};
 use crate::registration::{NewDevices, Refusal};
+use crate::silence::{NewSilence, Silence};
 use crate::status::Status;
 use crate::update::{DeviceUpdate, Report};
 
@@ -192,6 +196,22 @@ pub trait Store: Send + Sync + 'static {
     /// Removes a device's credential, if any: it can no longer log in.
     /// [`StoreError::NotFound`] if the device does not exist.
     async fn revoke_credential(&self, id: &DeviceId) -> Result<(), StoreError>;
+
+    /// Stores a silence (checked by [`NewSilence::parse`]) created at `now`.
+    async fn create_silence(&self, new: &NewSilence, now: Timestamp)
+    -> Result<Silence, StoreError>;
+
+    /// Every silence whose `ends_at` is after `ending_after` (in force or still to
+    /// come, when given the time now), by `starts_at` then id. One indexed range:
+    /// the alert policy reads it on every pass.
+    async fn silences(&self, ending_after: Timestamp) -> Result<Vec<Silence>, StoreError>;
+
+    /// Ends a silence at `now` if it would end later: `ends_at` becomes the earlier
+    /// of the two, and so does `starts_at` (a silence still to come ends empty,
+    /// `starts_at = ends_at = now`, and stays listed as a record). Returns it;
+    /// one already ended is returned as it is. [`StoreError::SilenceNotFound`] if
+    /// there is no such silence.
+    async fn expire_silence(&self, id: i64, now: Timestamp) -> Result<Silence, StoreError>;
 }
 
 /// What a flush did.

@@ -319,6 +319,7 @@ macro_rules! device_columns {
 pub mod leader;
 // After the macros above, which it uses.
 mod notifications;
+mod silences;
 
 /// Refreshes the devices that keep their status: in place, where the stored status is
 /// still the expected one (PostgreSQL re-checks it on the newest version of a row
@@ -1019,6 +1020,29 @@ impl Store for PgStore {
             Err(StoreError::NotFound(id.clone()))
         }
     }
+
+    async fn create_silence(
+        &self,
+        new: &crate::silence::NewSilence,
+        now: Timestamp,
+    ) -> Result<crate::silence::Silence, StoreError> {
+        self.insert_silence(new, now).await
+    }
+
+    async fn silences(
+        &self,
+        ending_after: Timestamp,
+    ) -> Result<Vec<crate::silence::Silence>, StoreError> {
+        self.silences_ending_after(ending_after).await
+    }
+
+    async fn expire_silence(
+        &self,
+        id: i64,
+        now: Timestamp,
+    ) -> Result<crate::silence::Silence, StoreError> {
+        self.end_silence(id, now).await
+    }
 }
 
 /// A database of its own for a test, created empty on the server the environment
@@ -1167,4 +1191,5 @@ mod tests {
 
     crate::storage::conformance::store_conformance!(store().await);
     crate::storage::notify_conformance::notification_conformance!(store().await);
+    crate::storage::silence_conformance::silence_conformance!(store().await);
 }

@@ -319,6 +319,7 @@ macro_rules! event_columns {
 
 // After the macros above, which it uses.
 mod notifications;
+mod silences;
 
 macro_rules! device_columns {
     () => {
@@ -978,6 +979,29 @@ impl Store for SqliteStore {
         tx.commit().await?;
         Ok(())
     }
+
+    async fn create_silence(
+        &self,
+        new: &crate::silence::NewSilence,
+        now: Timestamp,
+    ) -> Result<crate::silence::Silence, StoreError> {
+        self.insert_silence(new, now).await
+    }
+
+    async fn silences(
+        &self,
+        ending_after: Timestamp,
+    ) -> Result<Vec<crate::silence::Silence>, StoreError> {
+        self.silences_ending_after(ending_after).await
+    }
+
+    async fn expire_silence(
+        &self,
+        id: i64,
+        now: Timestamp,
+    ) -> Result<crate::silence::Silence, StoreError> {
+        self.end_silence(id, now).await
+    }
 }
 
 impl Columns for SqliteRow {
@@ -1064,4 +1088,5 @@ mod tests {
 
     crate::storage::conformance::store_conformance!(store().await);
     crate::storage::notify_conformance::notification_conformance!(store().await);
+    crate::storage::silence_conformance::silence_conformance!(store().await);
 }
