@@ -244,13 +244,13 @@ impl NewSilence {
             (Some(_), Some(_)) => return Err("give ends_at or duration, not both".into()),
             (None, None) => return Err("ends_at (or duration) is required".into()),
         };
+        if ends_at <= now {
+            return Err(format!("ends_at ({ends_at}) is not in the future"));
+        }
         if ends_at <= starts_at {
             return Err(format!(
                 "ends_at ({ends_at}) must be after starts_at ({starts_at})"
             ));
-        }
-        if ends_at <= now {
-            return Err(format!("ends_at ({ends_at}) is not in the future"));
         }
         if let Some(comment) = &comment
             && comment.chars().count() > MAX_COMMENT
@@ -320,7 +320,12 @@ impl utoipa::PartialSchema for SilenceRequest {
                     .max_items(Some(MAX_DEVICE_IDS)),
             )
             .property("pattern", <IdPattern as utoipa::PartialSchema>::schema())
-            .property("labels", <Labels as utoipa::PartialSchema>::schema())
+            .property(
+                "labels",
+                AllOfBuilder::new()
+                    .item(<Labels as utoipa::PartialSchema>::schema())
+                    .item(ObjectBuilder::new().min_properties(Some(1))),
+            )
             .property("starts_at", time().description(Some("Default: now")))
             .property(
                 "ends_at",

@@ -27,7 +27,7 @@ fn bad_body(rejection: JsonRejection) -> ApiError {
 /// Silence devices for a while: their transitions are still recorded and published,
 /// but nobody is notified of them until the silence ends (and then only of a device
 /// still down).
-#[utoipa::path(post, path = "/api/v1/silences", tag = "silences",
+#[utoipa::path(post, path = "/api/v1/silences", tag = "silences", operation_id = "create_silence",
     request_body = SilenceRequest,
     security(("api_key" = [])),
     responses(
@@ -68,7 +68,8 @@ pub struct SilenceList {
 
 /// The silences in force and those still to come (with `all=true`, also those
 /// that ended), by `starts_at`.
-#[utoipa::path(get, path = "/api/v1/silences", tag = "silences", params(ListParams),
+#[utoipa::path(get, path = "/api/v1/silences", tag = "silences", operation_id = "list_silences",
+    params(ListParams),
     security(("api_key" = [])),
     responses(
         (status = 200, description = "The silences", body = SilenceList),
@@ -94,7 +95,7 @@ pub async fn list(
 
 /// End a silence now; one still to come ends before it starts. Ended silences stay
 /// listed with `all=true`.
-#[utoipa::path(delete, path = "/api/v1/silences/{id}", tag = "silences",
+#[utoipa::path(delete, path = "/api/v1/silences/{id}", tag = "silences", operation_id = "expire_silence",
     params(("id" = i64, Path, description = "The silence's id", minimum = 1)),
     security(("api_key" = [])),
     responses(

@@ -37,7 +37,7 @@ async fn json_of(response: reqwest::Response) -> Value {
 }
 
 /// Every route the router has, as the OpenAPI document must list them.
-const ROUTES: [(&str, &str); 24] = [
+const ROUTES: [(&str, &str); 27] = [
     ("get", "/api/v1/devices"),
     ("post", "/api/v1/devices"),
     ("get", "/api/v1/devices/{id}"),
@@ -57,6 +57,9 @@ const ROUTES: [(&str, &str); 24] = [
     ("get", "/api/v1/sinks/{name}/dead-letters"),
     ("post", "/api/v1/sinks/{name}/dead-letters/drop"),
     ("post", "/api/v1/sinks/{name}/dead-letters/retry"),
+    ("get", "/api/v1/silences"),
+    ("post", "/api/v1/silences"),
+    ("delete", "/api/v1/silences/{id}"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/livez"),

@@ -26,6 +26,7 @@ mod restart;
 mod scenarios;
 #[cfg(all(feature = "mosquitto-tests", feature = "postgres-tests"))]
 mod several_hubs;
+mod silences;
 mod sim;
 
 /// Every core scenario as a test of its own, run against the broker `$broker`
