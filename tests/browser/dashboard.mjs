@@ -3,7 +3,8 @@
 //
 //   node tests/browser/dashboard.mjs <base-url> <api-key> [screenshot.png]
 //
-// Talks to its driver over stdio: prints READY when the fleet is checked, waits for
+// Silences the label filter's devices and one device from its card, and checks their
+// badges. Talks to its driver over stdio: prints READY when the fleet is checked, waits for
 // the driver to silence `pump-live` (it says SILENCED), checks that the card turns red
 // without a reload, prints PASS. Any failure prints FAIL <why> and exits 1.
 import { chromium } from "playwright-core";
@@ -91,9 +92,37 @@ try {
   check(labelled.join() === "pump-error,pump-online", `label filter: ${labelled}`);
   check((await page.textContent('.card[data-device-id="pump-online"] .info')).includes("site:north"),
         "cards show their labels");
+
+  // Silence the site for 4 hours: the filter's label becomes the silence's, and both
+  // cards say until when.
+  await page.click("#silence-these");
+  await page.waitForSelector("#silence-dialog[open]");
+  check((await page.textContent("#silence-target")).includes("site:north"), "the dialog names the filter");
+  await page.selectOption("#silence-duration", "4h");
+  await page.fill("#silence-comment", "pump swap");
+  await page.click("#silence-submit");
+  for (const id of ["pump-online", "pump-error"]) {
+    await page.waitForSelector(`.card[data-device-id="${id}"] .quiet:not([hidden])`, { timeout: 10000 });
+    check((await page.textContent(`.card[data-device-id="${id}"] .quiet`)).startsWith("silenced until "),
+          `${id} is marked silenced`);
+  }
+  const silences = await (await fetch(`${base}/api/v1/silences`, { headers: { Authorization: `Bearer ${key}` } })).json();
+  check(silences.silences.length === 1 && silences.silences[0].labels.site === "north" &&
+        silences.silences[0].comment === "pump swap" &&
+        Date.parse(silences.silences[0].ends_at) - Date.parse(silences.silences[0].starts_at) === 4 * 3600 * 1000,
+        `the silence posted: ${JSON.stringify(silences)}`);
   await page.fill("#label", "");
   await page.waitForFunction(() => document.querySelectorAll(".card").length > 2);
   await waitForColour(page, "pump-live", COLOURS.online, 10000);
+  check(await page.$eval('.card[data-device-id="pump-live"] .quiet', (el) => el.hidden), "pump-live is not silenced");
+
+  // One device, from its card's button (which does not open the details).
+  await page.click('.card[data-device-id="pump-spare"] .silence-one');
+  await page.waitForSelector("#silence-dialog[open]");
+  check(!(await page.$eval("#details", (el) => el.classList.contains("open"))), "the button opens no details");
+  check((await page.textContent("#silence-target")) === "pump-spare", "the dialog names the device");
+  await page.click("#silence-submit");
+  await page.waitForSelector('.card[data-device-id="pump-spare"] .quiet:not([hidden])', { timeout: 10000 });
 
   // Live: the driver silences pump-live; its card turns red with no reload.
   await page.evaluate(() => { window.__sameDocument = true; });
