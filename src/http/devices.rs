@@ -538,7 +538,7 @@ impl HeartbeatAck {
         (status = 403, description = "A new device while the hub holds devices.max_devices", body = ErrorBody),
         (status = 404, description = "An unknown device while devices.auto_register is off", body = ErrorBody),
         (status = 413, description = "Payload over the limit", body = ErrorBody),
-        (status = 422, description = "Not a valid device id, or JSON that is not a heartbeat: not an object, nested too deep, a field of the wrong type or over its limit", body = ErrorBody),
+        (status = 422, description = "Not a valid device id, or JSON that is not a heartbeat: not an object, nested too deep, a field of the wrong type or over its limit, a parent that is the device itself", body = ErrorBody),
         (status = 429, description = "A new device beyond devices.registration_rate; Retry-After says when to try again", body = ErrorBody),
         (status = 503, description = "Not committed (the database is failing) or not within http.request_timeout", body = ErrorBody),
     ))]

@@ -99,6 +99,21 @@ impl Quiet for NoSilences {
     }
 }
 
+/// Silences as stored: a device is silenced until the latest end of those covering it.
+impl Quiet for Vec<crate::silence::Silence> {
+    fn silenced_until(
+        &self,
+        device: &DeviceId,
+        labels: &Labels,
+        at: Timestamp,
+    ) -> Option<Timestamp> {
+        self.iter()
+            .filter(|s| s.covers(device, labels, at))
+            .map(|s| s.ends_at)
+            .max()
+    }
+}
+
 /// What the policy needs to know besides the event log.
 #[async_trait]
 pub trait Facts: Send + Sync + 'static {
@@ -736,8 +751,13 @@ impl Facts for StoreFacts {
         Ok((count, first.into_iter().map(|d| d.device_id).collect()))
     }
 
-    async fn quiet(&self, _now: Timestamp) -> Result<Box<dyn Quiet>, StoreError> {
-        Ok(Box::new(NoSilences))
+    async fn quiet(&self, now: Timestamp) -> Result<Box<dyn Quiet>, StoreError> {
+        let silences = self.0.silences(now).await?;
+        Ok(if silences.is_empty() {
+            Box::new(NoSilences)
+        } else {
+            Box::new(silences)
+        })
     }
 
     async fn latest_event(&self, id: &DeviceId) -> Result<Option<StoredEvent>, StoreError> {

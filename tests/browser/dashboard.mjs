@@ -134,6 +134,19 @@ try {
   check((await page.$eval("#n-offline", (el) => el.textContent)) === "2", "offline count follows");
 
   if (screenshot) await page.screenshot({ path: screenshot });
+
+  // A grouped notification's link opens the dashboard filtered to its group.
+  await page.goto(`${base}/?label=site:north&status=error`);
+  if (await page.$("#key-dialog[open]")) {
+    await page.fill("#key-input", key);
+    await page.press("#key-input", "Enter");
+  }
+  await page.waitForFunction(() => document.querySelectorAll(".card").length === 1, null, { timeout: 10000 });
+  const linked = await page.$$eval(".card", (cards) => cards.map((c) => c.dataset.deviceId));
+  check(linked.join() === "pump-error", `the link's filters: ${linked}`);
+  check((await page.inputValue("#label")) === "site:north", "the label box shows the link's filter");
+  check((await page.$eval('.count[data-filter="error"]', (el) => el.getAttribute("aria-pressed"))) === "true",
+        "the link's status is pressed");
   console.log("PASS");
 } catch (e) {
   console.log(`FAIL ${e.message.split("\n")[0]}`);

@@ -368,3 +368,61 @@ async fn children_behind_a_dead_gateway_are_one_message_and_one_recovery() {
     children.stop().await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silence_holds_notifications_and_a_device_still_down_at_its_end_is_told_once() {
+    let hooks = Receiver::start().await;
+    let app = spawn_app_with(Broker::Embedded, |s| {
+        s.notify.sinks = vec![webhook("ops", hooks.url("/hooks"))];
+    })
+    .await;
+    let mut watcher = app.watch().await;
+    let flaky = app.device("flaky", BEAT).await;
+    let broken = app.device("broken", BEAT).await;
+    watcher.expect("flaky", Status::Online, "registered").await;
+    watcher.expect("broken", Status::Online, "registered").await;
+    let ends_at = chrono::Utc::now() + chrono::Duration::seconds(8);
+    let response = app
+        .request(reqwest::Method::POST, "/api/v1/silences")
+        .json(&serde_json::json!({
+            "device_ids": ["flaky", "broken"],
+            "ends_at": ends_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "comment": "firmware roll-out",
+        }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+
+    // Inside the silence: one device fails and recovers, the other fails for good.
+    // Both transitions are recorded and published as ever.
+    flaky.silence().await.expect("silence");
+    watcher
+        .expect("flaky", Status::Offline, "heartbeat_timeout")
+        .await;
+    flaky.resume().await.expect("resume");
+    watcher.expect("flaky", Status::Online, "heartbeat").await;
+    broken.silence().await.expect("silence");
+    watcher
+        .expect("broken", Status::Offline, "heartbeat_timeout")
+        .await;
+    assert!(
+        chrono::Utc::now() < ends_at,
+        "the scenario ran past the silence; lengthen it"
+    );
+    assert!(hooks.received().is_empty(), "nothing while silenced");
+
+    hooks.wait_for_accepted(1, PATIENCE).await;
+    assert!(
+        chrono::Utc::now() >= ends_at,
+        "told only once the silence ended"
+    );
+    watcher.collect_for(Duration::from_secs(3)).await;
+    assert_eq!(
+        told(&hooks),
+        [("device.offline".to_string(), "broken".to_string(), 0)],
+        "the one still down, once; nothing of the one that recovered"
+    );
+    drop(flaky);
+    app.stop().await;
+}
