@@ -605,7 +605,13 @@ impl Engine {
             };
             // The window opens with its first transition (a transition taken in late,
             // after a restart or a wait for its parent, has waited already).
-            let closes_at = held.ready_at.saturating_add(self.settings.group_wait);
+            // Without grouping (threshold 0) nothing waits for a window.
+            let wait = if self.settings.group_threshold == 0 {
+                Duration::ZERO
+            } else {
+                self.settings.group_wait
+            };
+            let closes_at = held.ready_at.saturating_add(wait);
             self.windows
                 .entry(group.clone())
                 .or_insert_with(|| Window {

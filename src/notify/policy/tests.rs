@@ -642,3 +642,21 @@ async fn without_min_offline_a_quick_recovery_is_told_after_its_offline() {
         [pair("device.recovered", "pump-1")]
     );
 }
+
+#[tokio::test]
+async fn without_grouping_nothing_waits_for_a_window() {
+    let mut h = Harness::new(PolicySettings {
+        group_wait: Duration::from_secs(10),
+        group_threshold: 0,
+        ..PolicySettings::default()
+    });
+    for i in 0..20 {
+        h.offline(&format!("pump-{i}"), 1_000);
+    }
+    assert_eq!(
+        h.pass(1_000).await.len(),
+        20,
+        "group_threshold 0: each at once"
+    );
+    assert_eq!(h.engine.oldest_held(), None);
+}
