@@ -262,10 +262,6 @@ impl Engine {
         }
     }
 
-    pub fn settings(&self) -> &PolicySettings {
-        &self.settings
-    }
-
     /// Forgets everything held (another process moved the sink's cursor).
     pub fn reset(&mut self) {
         self.held.clear();
