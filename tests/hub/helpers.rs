@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use firmware_sim::{BrokerUrl, DeviceConfig, RawPublisher, SimDevice};
-use fleetwatch::app::Application;
+use fleetwatch::app::{Application, StartError};
 use fleetwatch::config::{BrokerMode, Settings};
 use fleetwatch::event::StatusEvent;
 use fleetwatch::metrics::Metrics;
+use fleetwatch::mqtt::broker::BrokerError;
 use fleetwatch::status::Status;
 use fleetwatch::storage::Store;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -137,7 +138,7 @@ pub async fn spawn_app(setup: impl Into<Setup>) -> TestApp {
 
 /// Starts a hub with exactly these settings, which name `database`; the database
 /// lives at least as long as the hub (share it to restart a hub on it).
-pub async fn start(settings: Settings, database: impl Into<Arc<TestDatabase>>) -> TestApp {
+pub async fn start(mut settings: Settings, database: impl Into<Arc<TestDatabase>>) -> TestApp {
     init_logging();
     let database = database.into();
     let external =
@@ -147,7 +148,19 @@ pub async fn start(settings: Settings, database: impl Into<Arc<TestDatabase>>) -
         .api_key
         .as_ref()
         .map(|k| k.expose().to_string());
-    let app = Application::build(settings).await.expect("hub starts");
+    // The embedded broker's port was free when picked, but another test's outgoing
+    // connection may have taken it since (both come from the ephemeral range): pick
+    // another rather than fail a test that is not about ports.
+    let mut attempts = 0;
+    let app = loop {
+        match Application::build(settings.clone()).await {
+            Err(StartError::Broker(BrokerError::PortInUse(taken))) if attempts < 5 => {
+                attempts += 1;
+                settings.mqtt.listen = SocketAddr::new(taken.ip(), free_port());
+            }
+            built => break built.expect("hub starts"),
+        }
+    };
     let http = format!("http://{}", app.http_addr().expect("HTTP listener"));
     let url = match (app.embedded_broker(), external) {
         (Some(addr), _) => BrokerUrl::new(addr.ip().to_string(), addr.port()),
