@@ -286,12 +286,17 @@ fn redact_password(url: &str) -> String {
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatSettings {
     /// Silence after which an online device is declared offline, unless it has an
-    /// `offline_after` of its own or declares its interval ([`crate::deadline`]).
+    /// `offline_after` of its own, declares its interval or matches a label rule
+    /// ([`crate::deadline`]).
     #[serde(with = "humantime_serde")]
     pub offline_after: Duration,
     /// A device that declares its heartbeat interval goes offline after this many
     /// of its heartbeats are missing.
     pub missed_beats: u32,
+    /// `[[heartbeat.rules]]`: the `offline_after` of devices carrying some labels
+    /// (and neither their own setting nor an interval); the first match wins.
+    #[serde(default)]
+    pub rules: Vec<crate::deadline::Rule>,
     /// How often the offline checker runs; detection lags a deadline by at most this
     /// plus one flush.
     #[serde(with = "humantime_serde")]
@@ -319,6 +324,7 @@ impl HeartbeatSettings {
         crate::deadline::Deadlines {
             default: self.offline_after,
             missed_beats: self.missed_beats,
+            rules: self.rules.clone(),
         }
     }
 }
@@ -419,6 +425,7 @@ impl Default for Settings {
             heartbeat: HeartbeatSettings {
                 offline_after: Duration::from_secs(180),
                 missed_beats: 3,
+                rules: Vec::new(),
                 check_interval: Duration::from_millis(250),
                 flush_interval: Duration::from_millis(250),
                 queue_capacity: 16_384,
@@ -627,6 +634,20 @@ impl Settings {
                 return Err(ConfigError::key(
                     key,
                     format!("{value} is out of range (1 to {max})"),
+                ));
+            }
+        }
+        for (n, rule) in hb.rules.iter().enumerate() {
+            if rule.labels.is_empty() {
+                return Err(ConfigError::key(
+                    &format!("heartbeat.rules[{n}].labels"),
+                    "must name at least one label (heartbeat.offline_after is the rule for every device)",
+                ));
+            }
+            if let Err(why) = crate::deadline::bounded(rule.offline_after) {
+                return Err(ConfigError::key(
+                    &format!("heartbeat.rules[{n}].offline_after"),
+                    why.to_string(),
                 ));
             }
         }
@@ -1039,14 +1060,14 @@ fn describe(
             key,
             ..
         } => {
-            let key = key.as_deref().unwrap_or("?");
+            let key = &dotted(key.as_deref().unwrap_or("?"));
             format!(
                 "{key}: expected {expected}, found {unexpected}{}",
                 origin(key, file, vars)
             )
         }
         E::At { error, key, .. } => {
-            let key = key.as_deref().unwrap_or("?");
+            let key = &dotted(key.as_deref().unwrap_or("?"));
             let mut problem = one_line(&error.to_string());
             if problem.contains("expected a duration") {
                 problem.push_str(" such as \"90s\" or \"3m\"");
@@ -1063,6 +1084,21 @@ fn describe(
         other => one_line(&other.to_string()),
     };
     ConfigError(line)
+}
+
+/// A key as the configuration crate writes it, with the dot it leaves out after an
+/// index put back: `heartbeat.rules[0]labels` as `heartbeat.rules[0].labels`.
+fn dotted(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 2);
+    let mut after_index = false;
+    for c in key.chars() {
+        if after_index && (c.is_alphanumeric() || c == '_') {
+            out.push('.');
+        }
+        after_index = c == ']';
+        out.push(c);
+    }
+    out
 }
 
 /// Where `key`'s value came from: its environment variable if set, else the file.
@@ -1373,6 +1409,73 @@ mod tests {
             .to_string();
         assert!(error.contains("ofline_after"), "{error}");
         assert!(!error.contains('\n'), "{error}");
+    }
+
+    #[test]
+    fn label_rules_load_in_order_and_a_bad_rule_names_its_key() {
+        let toml = "[[heartbeat.rules]]\nlabels = { kind = \"sensor\", site = \"north\" }\n\
+                    offline_after = \"2h\"\n\n[[heartbeat.rules]]\nlabels = { kind = \"pump\" }\n\
+                    offline_after = \"30s\"\n";
+        let settings = Settings::load_from_toml(toml, []).expect("loads");
+        let deadlines = settings.heartbeat.deadlines();
+        let found: Vec<(Vec<(String, String)>, Duration)> = deadlines
+            .rules
+            .iter()
+            .map(|rule| {
+                let labels = rule
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                (labels, rule.offline_after)
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    vec![
+                        ("kind".into(), "sensor".into()),
+                        ("site".into(), "north".into())
+                    ],
+                    Duration::from_secs(7200)
+                ),
+                (
+                    vec![("kind".into(), "pump".into())],
+                    Duration::from_secs(30)
+                ),
+            ]
+        );
+        assert!(load(&[]).expect("loads").heartbeat.rules.is_empty());
+        for (toml, key) in [
+            (
+                "[[heartbeat.rules]]\nlabels = {}\noffline_after = \"1h\"\n",
+                "heartbeat.rules[0].labels",
+            ),
+            (
+                "[[heartbeat.rules]]\nlabels = { a = \"b\" }\noffline_after = \"1h\"\n\n\
+                 [[heartbeat.rules]]\nlabels = { a = \"c\" }\noffline_after = \"0s\"\n",
+                "heartbeat.rules[1].offline_after",
+            ),
+            (
+                "[[heartbeat.rules]]\nlabels = { \"a:b\" = \"c\" }\noffline_after = \"1h\"\n",
+                "heartbeat.rules[0].labels: label key \"a:b\"",
+            ),
+            (
+                "[[heartbeat.rules]]\nlabels = { a = \"b\" }\noffline_after = \"soon\"\n",
+                "heartbeat.rules[0].offline_after: invalid value",
+            ),
+            (
+                "[[heartbeat.rules]]\nlabels = { a = \"b\" }\nofline_after = \"1h\"\n",
+                "ofline_after",
+            ),
+        ] {
+            let error = Settings::load_from_toml(toml, [])
+                .expect_err(key)
+                .to_string();
+            assert!(error.contains(key), "{toml}: {error}");
+            assert!(!error.contains('\n'), "{error}");
+        }
     }
 
     #[test]

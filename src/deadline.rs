@@ -3,13 +3,19 @@
 //! A deadline is `last_seen_at + offline_after`, with the device's own `offline_after`
 //! chosen, first match wins, from: the setting an operator gave it (`PATCH
 //! /api/v1/devices/{id}`), the heartbeat interval it declares times
-//! `heartbeat.missed_beats`, and the fleet's `heartbeat.offline_after`. The store
-//! keeps the deadline in the row, written with `last_seen_at`, so the offline check is
-//! one indexed range over deadlines that costs what it finds.
+//! `heartbeat.missed_beats`, the first `[[heartbeat.rules]]` entry whose labels the
+//! device carries, and the fleet's `heartbeat.offline_after`. The store keeps the
+//! deadline in the row, written with `last_seen_at`, so the offline check is one
+//! indexed range over deadlines that costs what it finds. It keeps the matching rule's
+//! `offline_after` in the row too (`rule_ms`), computed here whenever the device's
+//! labels change, so the write path reads a column instead of matching labels in SQL.
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::clock::Timestamp;
+use crate::labels::Labels;
 
 /// Shortest `offline_after` a device may be given, and shortest interval it may
 /// declare: below a second, detection (checks every `check_interval`) cannot keep up.
@@ -17,14 +23,35 @@ pub const MIN: Duration = Duration::from_secs(1);
 /// Longest `offline_after` a device may be given, and longest interval it may declare.
 pub const MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// A label rule: devices carrying all of `labels` (and no `offline_after` or interval
+/// of their own) go offline after `offline_after`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub labels: Labels,
+    #[serde(with = "humantime_serde")]
+    pub offline_after: Duration,
+}
+
+impl Rule {
+    /// Whether a device with `labels` carries every label of the rule.
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.labels
+            .iter()
+            .all(|(key, value)| labels.get(key) == Some(value))
+    }
+}
+
 /// The fleet's rules for devices that have no `offline_after` of their own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deadlines {
     /// `heartbeat.offline_after`: the last resort.
     pub default: Duration,
     /// `heartbeat.missed_beats`: a device that declares its interval goes offline
     /// after this many of its heartbeats are missing.
     pub missed_beats: u32,
+    /// `heartbeat.rules`, in the configuration's order: the first that matches wins.
+    pub rules: Vec<Rule>,
 }
 
 impl Default for Deadlines {
@@ -32,15 +59,31 @@ impl Default for Deadlines {
         Self {
             default: Duration::from_secs(180),
             missed_beats: 3,
+            rules: Vec::new(),
         }
     }
 }
 
 impl Deadlines {
+    /// The `offline_after` of the first rule whose labels `labels` carries.
+    pub fn rule(&self, labels: &Labels) -> Option<Duration> {
+        self.rules
+            .iter()
+            .find(|rule| rule.matches(labels))
+            .map(|rule| rule.offline_after)
+    }
+
     /// A device's `offline_after`: its own setting, else its declared interval times
-    /// `missed_beats`, else the fleet's default.
-    pub fn offline_after(&self, own: Option<Duration>, interval: Option<Duration>) -> Duration {
+    /// `missed_beats`, else its label rule's (`rule`, from [`Self::rule`]), else the
+    /// fleet's default.
+    pub fn offline_after(
+        &self,
+        own: Option<Duration>,
+        interval: Option<Duration>,
+        rule: Option<Duration>,
+    ) -> Duration {
         own.or_else(|| interval.map(|i| i.saturating_mul(self.missed_beats)))
+            .or(rule)
             .unwrap_or(self.default)
     }
 
@@ -50,8 +93,9 @@ impl Deadlines {
         seen: Timestamp,
         own: Option<Duration>,
         interval: Option<Duration>,
+        rule: Option<Duration>,
     ) -> Timestamp {
-        seen.saturating_add(self.offline_after(own, interval))
+        seen.saturating_add(self.offline_after(own, interval, rule))
     }
 
     /// `default` in milliseconds, as the stores bind it.
@@ -130,22 +174,70 @@ mod tests {
     const FLEET: Deadlines = Deadlines {
         default: Duration::from_secs(180),
         missed_beats: 3,
+        rules: Vec::new(),
     };
 
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        Labels::try_from(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        )
+        .expect("valid labels")
+    }
+
     #[test]
-    fn own_setting_beats_declared_interval_beats_fleet_default() {
+    fn own_setting_beats_declared_interval_beats_label_rule_beats_fleet_default() {
         let own = Some(Duration::from_secs(20));
         let interval = Some(Duration::from_secs(5));
-        assert_eq!(FLEET.offline_after(own, interval), Duration::from_secs(20));
-        assert_eq!(FLEET.offline_after(None, interval), Duration::from_secs(15));
-        assert_eq!(FLEET.offline_after(None, None), Duration::from_secs(180));
+        let rule = Some(Duration::from_secs(7200));
+        assert_eq!(
+            FLEET.offline_after(own, interval, rule),
+            Duration::from_secs(20)
+        );
+        assert_eq!(
+            FLEET.offline_after(None, interval, rule),
+            Duration::from_secs(15)
+        );
+        assert_eq!(
+            FLEET.offline_after(None, None, rule),
+            Duration::from_secs(7200)
+        );
+        assert_eq!(
+            FLEET.offline_after(None, None, None),
+            Duration::from_secs(180)
+        );
+    }
+
+    #[test]
+    fn the_first_rule_whose_labels_a_device_carries_wins() {
+        let fleet = Deadlines {
+            rules: vec![
+                Rule {
+                    labels: labels(&[("kind", "sensor"), ("site", "north")]),
+                    offline_after: Duration::from_secs(600),
+                },
+                Rule {
+                    labels: labels(&[("kind", "sensor")]),
+                    offline_after: Duration::from_secs(7200),
+                },
+            ],
+            ..FLEET
+        };
+        let north = labels(&[("kind", "sensor"), ("site", "north"), ("floor", "2")]);
+        assert_eq!(fleet.rule(&north), Some(Duration::from_secs(600)));
+        let south = labels(&[("kind", "sensor"), ("site", "south")]);
+        assert_eq!(fleet.rule(&south), Some(Duration::from_secs(7200)));
+        assert_eq!(fleet.rule(&labels(&[("kind", "pump")])), None);
+        assert_eq!(fleet.rule(&Labels::default()), None);
     }
 
     #[test]
     fn a_deadline_is_last_seen_plus_offline_after() {
         let seen = Timestamp::from_unix_millis(1_000);
         assert_eq!(
-            FLEET.deadline(seen, None, Some(Duration::from_millis(1_500))),
+            FLEET.deadline(seen, None, Some(Duration::from_millis(1_500)), None),
             Timestamp::from_unix_millis(5_500)
         );
     }

@@ -17,6 +17,7 @@ use crate::clock::Timestamp;
 use crate::deadline::Deadlines;
 use crate::device::DeviceId;
 use crate::event::StatusEvent;
+use crate::labels::Labels;
 use crate::registration::Refusal;
 use crate::status::{self, Signal, Status, Transition};
 use crate::update::DeviceUpdate;
@@ -32,6 +33,8 @@ pub struct Current {
     /// comes from ([`crate::deadline`]).
     pub offline_after: Option<Duration>,
     pub interval: Option<Duration>,
+    /// Its stored labels: with a heartbeat's merged in, they pick its label rule.
+    pub labels: Labels,
 }
 
 /// A device whose status a flush leaves as it is: written in place, without reading
@@ -52,11 +55,16 @@ pub struct Refresh<'a> {
 }
 
 /// The refresh for `update` if it leaves its device's status as it is: the device
-/// only sent heartbeats of one kind since the last flush. `None`: the full path.
-pub fn steady(update: &DeviceUpdate) -> Option<Refresh<'_>> {
+/// only sent heartbeats of one kind since the last flush. `None`: the full path. So
+/// does a heartbeat carrying labels while label rules are configured: the rule that
+/// applies depends on the stored labels merged with its own, which [`decide`] reads.
+pub fn steady<'a>(update: &'a DeviceUpdate, deadlines: &Deadlines) -> Option<Refresh<'a>> {
     let [step] = update.steps.as_slice() else {
         return None;
     };
+    if update.labels.is_some() && !deadlines.rules.is_empty() {
+        return None;
+    }
     let Signal::Heartbeat { healthy } = step.signal else {
         return None;
     };
@@ -107,6 +115,9 @@ pub struct Row<'a> {
     pub error: Option<&'a str>,
     /// When the device goes offline if it stays silent (`None`: never heard from).
     pub deadline_at: Option<Timestamp>,
+    /// The `offline_after` of its label rule, from its labels as written
+    /// ([`Deadlines::rule`]): stored, so later refreshes compute the deadline in SQL.
+    pub rule: Option<Duration>,
 }
 
 /// What a flush writes for the devices that take the full path.
@@ -177,12 +188,24 @@ pub fn decide<'a>(
         let last_seen_at = update.last_seen.max(stored.and_then(|c| c.last_seen_at));
         let own = stored.and_then(|c| c.offline_after);
         let interval = update.interval.or(stored.and_then(|c| c.interval));
+        let rule = if deadlines.rules.is_empty() {
+            None
+        } else {
+            // The labels as the write leaves them: the heartbeat's merged key by key
+            // into the stored ones.
+            let mut labels = stored.map(|c| c.labels.clone()).unwrap_or_default();
+            if let Some(newer) = &update.labels {
+                labels.merge(newer.clone());
+            }
+            deadlines.rule(&labels)
+        };
         rows.push(Row {
             update,
             status,
             status_changed_at,
             error,
-            deadline_at: last_seen_at.map(|seen| deadlines.deadline(seen, own, interval)),
+            deadline_at: last_seen_at.map(|seen| deadlines.deadline(seen, own, interval, rule)),
+            rule,
         });
     }
     Decision { rows, events }
@@ -236,6 +259,7 @@ mod tests {
             error: error.map(str::to_string),
             offline_after: None,
             interval: None,
+            labels: Labels::default(),
         }
     }
 
@@ -351,7 +375,10 @@ mod tests {
         });
         let refreshes: Vec<_> = updates
             .iter()
-            .map(|u| steady(u).map(|r| (r.update.device.to_string(), r.status, r.error)))
+            .map(|u| {
+                steady(u, &Deadlines::default())
+                    .map(|r| (r.update.device.to_string(), r.status, r.error))
+            })
             .collect();
         assert_eq!(
             refreshes,
@@ -389,7 +416,11 @@ mod tests {
             b.add_heartbeat(id("late-will"), at(1_000), beat(true));
             b.add_connection_lost(id("late-will"), at(1_100));
         });
-        assert!(updates.iter().all(|u| steady(u).is_none()));
+        assert!(
+            updates
+                .iter()
+                .all(|u| steady(u, &Deadlines::default()).is_none())
+        );
 
         // A heartbeat step with no word on the error text: keeping the stored text
         // needs the stored row.
@@ -403,7 +434,7 @@ mod tests {
             error: None,
             ..updates[0].clone()
         };
-        assert_eq!(steady(&silent_on_error), None);
+        assert_eq!(steady(&silent_on_error, &Deadlines::default()), None);
     }
 
     #[test]
@@ -586,6 +617,7 @@ mod tests {
         let fleet = Deadlines {
             default: std::time::Duration::from_secs(60),
             missed_beats: 3,
+            rules: Vec::new(),
         };
         let updates = flush(|b| {
             let mut declares = beat(true);
@@ -615,6 +647,80 @@ mod tests {
                 ("own".into(), Some(at(12_000))),
                 ("plain".into(), Some(at(70_000))),
                 ("remembered".into(), Some(at(31_000))),
+            ]
+        );
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        Labels::try_from(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        )
+        .expect("valid labels")
+    }
+
+    /// A heartbeat's labels are merged into the stored ones before the rule is picked,
+    /// so such a heartbeat takes the full path while rules exist (and only then).
+    #[test]
+    fn a_label_rule_applies_to_the_labels_as_merged_and_below_an_interval() {
+        let fleet = Deadlines {
+            default: std::time::Duration::from_secs(60),
+            missed_beats: 3,
+            rules: vec![crate::deadline::Rule {
+                labels: labels(&[("kind", "sensor"), ("site", "north")]),
+                offline_after: std::time::Duration::from_secs(600),
+            }],
+        };
+        let updates = flush(|b| {
+            for device in ["joins", "declares", "elsewhere", "plain"] {
+                let mut hb = beat(true);
+                if device != "plain" {
+                    hb.labels = Some(labels(&[("kind", "sensor")]));
+                }
+                if device == "declares" {
+                    hb.interval = Some(std::time::Duration::from_secs(5));
+                }
+                b.add_heartbeat(id(device), at(10_000), hb);
+            }
+        });
+        let without_rules = Deadlines::default();
+        assert!(updates.iter().all(|u| steady(u, &without_rules).is_some()));
+        let paths: Vec<bool> = updates
+            .iter()
+            .map(|u| steady(u, &fleet).is_some())
+            .collect();
+        // declares, elsewhere, joins, plain: only the one without labels stays steady.
+        assert_eq!(paths, [false, false, false, true]);
+
+        let mut north = device(Status::Online, Some(500), 500, None);
+        north.labels = labels(&[("site", "north")]);
+        let mut south = device(Status::Online, Some(500), 500, None);
+        south.labels = labels(&[("site", "south")]);
+        let mut plain = device(Status::Online, Some(500), 500, None);
+        plain.labels = labels(&[("kind", "sensor"), ("site", "north")]);
+        let current = stored([
+            ("joins", north.clone()),
+            ("declares", north),
+            ("elsewhere", south),
+            ("plain", plain),
+        ]);
+        let pending: Vec<&DeviceUpdate> = updates.iter().collect();
+        let decision = decide(&pending, &current, &HashMap::new(), &fleet);
+        let rows: Vec<(String, Option<Timestamp>, Option<std::time::Duration>)> = decision
+            .rows
+            .iter()
+            .map(|r| (r.update.device.to_string(), r.deadline_at, r.rule))
+            .collect();
+        let rule = Some(std::time::Duration::from_secs(600));
+        assert_eq!(
+            rows,
+            vec![
+                ("declares".into(), Some(at(25_000)), rule),
+                ("elsewhere".into(), Some(at(70_000)), None),
+                ("joins".into(), Some(at(610_000)), rule),
+                ("plain".into(), Some(at(610_000)), rule),
             ]
         );
     }

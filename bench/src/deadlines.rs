@@ -167,6 +167,7 @@ async fn run(dir: &Path, scale: &Scale, mode: Mode) -> Result<Run> {
             Deadlines {
                 default: hub_offline_after,
                 missed_beats: 3,
+                rules: Vec::new(),
             },
         )
         .await?;

@@ -232,8 +232,8 @@ pub struct Engine {
 pub struct Known {
     pub labels: Labels,
     pub parent: Option<DeviceId>,
-    /// The device's offline_after without a label rule: own, else interval times
-    /// missed beats, else the default.
+    /// The device's offline_after: own, else interval times missed beats, else its
+    /// label rule's, else the default.
     pub offline_after: Option<Duration>,
 }
 
@@ -242,7 +242,11 @@ impl Known {
         Self {
             labels: device.labels.clone(),
             parent: device.parent.clone(),
-            offline_after: Some(deadlines.offline_after(device.offline_after, device.interval)),
+            offline_after: Some(deadlines.offline_after(
+                device.offline_after,
+                device.interval,
+                deadlines.rule(&device.labels),
+            )),
         }
     }
 }

@@ -79,6 +79,7 @@ pub(crate) use store_conformance;
 pub(crate) const DEADLINES: Deadlines = Deadlines {
     default: Duration::from_secs(2),
     missed_beats: 3,
+    rules: Vec::new(),
 };
 
 fn id(s: &str) -> DeviceId {
@@ -1419,4 +1420,151 @@ pub(crate) async fn devices_by_id_reads_the_devices_named_and_leaves_out_unknown
             .into_iter()
             .collect::<Vec<_>>()
     );
+}
+
+/// Label rules: each backend's tests run [`label_rules_pick_the_deadline_and_follow_labels_and_configuration`]
+/// with a function that opens (again) one database with the rules given.
+macro_rules! label_rules_conformance {
+    ($open:expr) => {
+        #[tokio::test]
+        async fn label_rules_pick_the_deadline_and_follow_labels_and_configuration() {
+            $crate::storage::conformance::label_rules_pick_the_deadline_and_follow_labels_and_configuration($open).await;
+        }
+    };
+}
+pub(crate) use label_rules_conformance;
+
+fn rule(value: serde_json::Value, secs: u64) -> crate::deadline::Rule {
+    crate::deadline::Rule {
+        labels: labels(value),
+        offline_after: Duration::from_secs(secs),
+    }
+}
+
+/// [`DEADLINES`] with `rules`.
+fn with_rules(rules: Vec<crate::deadline::Rule>) -> Deadlines {
+    Deadlines { rules, ..DEADLINES }
+}
+
+/// A label rule sets the deadline of a device carrying its labels (as merged from
+/// heartbeats, or as the API set them) unless the device has its own setting or
+/// declares an interval; the first matching rule wins; a heartbeat without labels
+/// keeps the rule; and the next start with other rules moves the stored deadlines.
+/// `open` opens the same database each time, with the deadlines given.
+pub(crate) async fn label_rules_pick_the_deadline_and_follow_labels_and_configuration<F, Fut>(
+    open: F,
+) where
+    F: Fn(Deadlines) -> Fut,
+    Fut: std::future::Future<Output = Arc<dyn Store>>,
+{
+    use serde_json::json;
+    let store = open(with_rules(vec![
+        rule(json!({"kind": "sensor", "site": "north"}), 600),
+        rule(json!({"kind": "sensor"}), 60),
+    ]))
+    .await;
+    apply(&store, |b| {
+        b.add_heartbeat(
+            id("s-north"),
+            at(1_000),
+            beat_labelled(json!({"kind": "sensor", "site": "north"})),
+        );
+        b.add_heartbeat(
+            id("s-south"),
+            at(1_000),
+            beat_labelled(json!({"kind": "sensor", "site": "south"})),
+        );
+        b.add_heartbeat(
+            id("declares"),
+            at(1_000),
+            Heartbeat {
+                labels: Some(labels(json!({"kind": "sensor"}))),
+                ..beat_every(5_000)
+            },
+        );
+        b.add_heartbeat(id("plain"), at(1_000), beat(true, None));
+        b.add_heartbeat(id("later"), at(1_000), beat(true, None));
+    })
+    .await;
+    assert_eq!(deadline_of(&store, "s-north").await, Some(at(601_000)));
+    assert_eq!(deadline_of(&store, "s-south").await, Some(at(61_000)));
+    assert_eq!(deadline_of(&store, "declares").await, Some(at(16_000)));
+    assert_eq!(deadline_of(&store, "plain").await, Some(at(3_000)));
+
+    // Heartbeats of devices that stay online: labels merged into the stored ones pick
+    // the rule; none keeps the stored rule.
+    apply(&store, |b| {
+        b.add_heartbeat(
+            id("later"),
+            at(2_000),
+            beat_labelled(json!({"kind": "sensor"})),
+        );
+        b.add_heartbeat(
+            id("s-north"),
+            at(2_000),
+            beat_labelled(json!({"site": "south"})),
+        );
+        b.add_heartbeat(id("s-south"), at(2_000), beat(true, None));
+    })
+    .await;
+    assert_eq!(deadline_of(&store, "later").await, Some(at(62_000)));
+    assert_eq!(deadline_of(&store, "s-north").await, Some(at(62_000)));
+    assert_eq!(deadline_of(&store, "s-south").await, Some(at(62_000)));
+
+    // A device's own setting comes first; cleared, the rule is back.
+    store
+        .set_offline_after(&id("s-south"), Some(Duration::from_secs(10)))
+        .await
+        .expect("set");
+    assert_eq!(deadline_of(&store, "s-south").await, Some(at(12_000)));
+    store
+        .set_offline_after(&id("s-south"), None)
+        .await
+        .expect("clear");
+    assert_eq!(deadline_of(&store, "s-south").await, Some(at(62_000)));
+
+    // The API's labels replace the set, and the rule and deadline follow.
+    let plain = store
+        .set_labels(
+            &id("plain"),
+            &labels(json!({"kind": "sensor", "site": "north"})),
+        )
+        .await
+        .expect("labels");
+    assert_eq!(plain.deadline_at, Some(at(601_000)));
+    store
+        .set_labels(&id("later"), &labels(json!({})))
+        .await
+        .expect("labels");
+    assert_eq!(deadline_of(&store, "later").await, Some(at(4_000)));
+    assert_eq!(taken(&store, 4_001, 0).await, ["later"]);
+
+    // The next start with other rules moves the stored deadlines of labelled devices.
+    drop(store);
+    let store = open(with_rules(vec![rule(json!({"kind": "sensor"}), 30)])).await;
+    assert_eq!(deadline_of(&store, "s-north").await, Some(at(32_000)));
+    assert_eq!(deadline_of(&store, "plain").await, Some(at(31_000)));
+    assert_eq!(deadline_of(&store, "declares").await, Some(at(16_000)));
+    assert_eq!(taken(&store, 31_001, 0).await, ["declares", "plain"]);
+    // Heartbeats without labels keep the rule matched at start.
+    apply(&store, |b| {
+        b.add_heartbeat(id("s-south"), at(3_000), beat(true, None));
+    })
+    .await;
+    assert_eq!(deadline_of(&store, "s-south").await, Some(at(33_000)));
+
+    // And a start without rules takes them away.
+    drop(store);
+    let store = open(DEADLINES).await;
+    assert_eq!(deadline_of(&store, "s-north").await, Some(at(4_000)));
+    assert_eq!(deadline_of(&store, "s-south").await, Some(at(5_000)));
+    apply(&store, |b| {
+        b.add_heartbeat(
+            id("s-north"),
+            at(5_000),
+            beat_labelled(json!({"kind": "sensor"})),
+        );
+    })
+    .await;
+    assert_eq!(deadline_of(&store, "s-north").await, Some(at(7_000)));
 }

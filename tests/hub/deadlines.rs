@@ -173,3 +173,82 @@ async fn a_devices_offline_after_is_checked_and_null_clears_it() {
     device.stop().await;
     app.stop().await;
 }
+
+/// A label rule in the configuration (`[[heartbeat.rules]]`): devices whose heartbeats
+/// carry `kind: sensor` go offline after 2 s, the rest after the fleet's 60 s; a
+/// device given the label through the API once it is silent has its pending deadline
+/// moved to the rule's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_label_rule_sets_the_deadline_of_the_devices_carrying_its_labels() {
+    let app = spawn_app_with(Broker::Embedded, |s| {
+        s.heartbeat.offline_after = Duration::from_secs(60);
+        s.heartbeat.rules = vec![fleetwatch::deadline::Rule {
+            labels: serde_json::from_value(json!({"kind": "sensor"})).expect("labels"),
+            offline_after: Duration::from_secs(2),
+        }];
+    })
+    .await;
+    let mut watch = app.watch().await;
+    let sensor = SimDevice::start(
+        DeviceConfig::new(app.url.clone(), "sensor-1")
+            .interval(Duration::from_millis(500))
+            .label("kind", "sensor"),
+    )
+    .await
+    .expect("device connects");
+    let pump = app.device("pump-1", Duration::from_millis(500)).await;
+    let tagged = app.device("tagged-1", Duration::from_millis(500)).await;
+    for id in ["sensor-1", "pump-1", "tagged-1"] {
+        watch.expect(id, Status::Online, "registered").await;
+    }
+    let sensor_row = app.stored("sensor-1").await.expect("stored");
+    let (seen, deadline) = sensor_row
+        .last_seen_at
+        .zip(sensor_row.deadline_at)
+        .expect("seen, with a deadline");
+    assert_eq!(
+        deadline.millis_since(seen),
+        2_000,
+        "the rule's offline_after"
+    );
+
+    for device in [&sensor, &pump, &tagged] {
+        device.silence().await.expect("silence");
+    }
+    let offline = watch
+        .expect("sensor-1", Status::Offline, "heartbeat_timeout")
+        .await;
+    let silent_for = offline
+        .changed_at
+        .millis_since(offline.last_seen_at.expect("last seen"));
+    assert!(
+        (2_000..60_000).contains(&silent_for),
+        "sensor-1 went offline {silent_for} ms after its last heartbeat, not at the rule's 2 s"
+    );
+    assert!(
+        watch.unread("pump-1").is_empty(),
+        "{:?}",
+        watch.unread("pump-1")
+    );
+    assert_eq!(app.status_of("tagged-1").await, Some(Status::Online));
+
+    let response = app
+        .request(Method::PUT, "/api/v1/devices/tagged-1/labels")
+        .json(&json!({"kind": "sensor", "site": "north"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let moved = watch
+        .expect("tagged-1", Status::Offline, "heartbeat_timeout")
+        .await;
+    let silent_for = moved
+        .changed_at
+        .millis_since(moved.last_seen_at.expect("last seen"));
+    assert!(
+        (2_000..60_000).contains(&silent_for),
+        "tagged-1 went offline {silent_for} ms after its last heartbeat"
+    );
+    assert_eq!(app.status_of("pump-1").await, Some(Status::Online));
+    app.stop().await;
+}

@@ -59,9 +59,10 @@ const DECIDE_ROUNDS: usize = 3;
 
 /// A device's `offline_after` as an SQL interval, by the rules of
 /// [`crate::deadline::Deadlines`]: its own setting, else its interval times the missed
-/// beats, else the default (each the SQL expression given, in milliseconds).
+/// beats, else its label rule's, else the default (each the SQL expression given, in
+/// milliseconds).
 macro_rules! offline_after {
-    ($own:literal, $interval:literal, $missed:literal, $default:literal) => {
+    ($own:literal, $interval:literal, $missed:literal, $rule:literal, $default:literal) => {
         concat!(
             "coalesce(",
             $own,
@@ -70,6 +71,8 @@ macro_rules! offline_after {
             " * ",
             $missed,
             "::bigint, ",
+            $rule,
+            ", ",
             $default,
             "::bigint) * interval '1 millisecond'"
         )
@@ -123,8 +126,60 @@ impl PgStore {
             .await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
         let store = Self { pool, deadlines };
+        store.rematch_rules().await?;
         store.reschedule().await?;
         Ok(store)
+    }
+
+    /// Brings every device's stored label rule (`rule_ms`) in line with the configured
+    /// rules: without rules, one statement clears them; with rules, the labelled
+    /// devices are read a page at a time and those whose rule changed are rewritten.
+    async fn rematch_rules(&self) -> Result<(), StoreError> {
+        if self.deadlines.rules.is_empty() {
+            sqlx::query("UPDATE devices SET rule_ms = NULL WHERE rule_ms IS NOT NULL")
+                .execute(&self.pool)
+                .await?;
+            return Ok(());
+        }
+        let mut after = String::new();
+        let mut changed = 0u64;
+        loop {
+            let rows = sqlx::query(
+                "SELECT device_id, labels::text AS labels, rule_ms FROM devices \
+                 WHERE device_id > $1 AND labels IS NOT NULL ORDER BY device_id LIMIT 10000",
+            )
+            .bind(&after)
+            .fetch_all(&self.pool)
+            .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.try_get("device_id")?;
+            let (mut ids, mut moved) = (Vec::new(), Vec::new());
+            for row in &rows {
+                let labels: Labels = row.json("labels")?.unwrap_or_default();
+                let rule = self.deadlines.rule(&labels).map(deadline::millis);
+                if rule != row.int("rule_ms")? {
+                    ids.push(row.try_get::<String, _>("device_id")?);
+                    moved.push(rule);
+                }
+            }
+            if ids.is_empty() {
+                continue;
+            }
+            changed += ids.len() as u64;
+            sqlx::query(
+                "UPDATE devices SET rule_ms = v.rule \
+                 FROM UNNEST($1::text[], $2::bigint[]) AS v(device_id, rule) \
+                 WHERE devices.device_id = v.device_id",
+            )
+            .bind(ids)
+            .bind(moved)
+            .execute(&self.pool)
+            .await?;
+        }
+        if changed > 0 {
+            tracing::info!(devices = changed, "label rules matched again");
+        }
+        Ok(())
     }
 
     /// Rewrites the deadlines that differ from what `self.deadlines` makes of them:
@@ -132,9 +187,9 @@ impl PgStore {
     async fn reschedule(&self) -> Result<(), StoreError> {
         let moved = sqlx::query(concat!(
             "UPDATE devices SET deadline_at = last_seen_at + ",
-            offline_after!("offline_after_ms", "interval_ms", "$1", "$2"),
+            offline_after!("offline_after_ms", "interval_ms", "$1", "rule_ms", "$2"),
             " WHERE last_seen_at IS NOT NULL AND deadline_at IS DISTINCT FROM last_seen_at + ",
-            offline_after!("offline_after_ms", "interval_ms", "$1", "$2")
+            offline_after!("offline_after_ms", "interval_ms", "$1", "rule_ms", "$2")
         ))
         .bind(self.deadlines.missed_beats_i64())
         .bind(self.deadlines.default_ms())
@@ -325,7 +380,8 @@ mod silences;
 /// still the expected one (PostgreSQL re-checks it on the newest version of a row
 /// another writer changed meanwhile). Returns the ids it could not refresh (the stored
 /// status differs, or the device is unknown): they take the full path.
-/// The deadline is computed in the write from the stored setting and interval, with
+/// The deadline is computed in the write from the stored setting, interval and label
+/// rule (a heartbeat with labels only comes here while no rules are configured), with
 /// the missed beats and default offline_after as `$16` and `$17`.
 const REFRESH_STEADY: &str = concat!(
     "UPDATE devices SET ",
@@ -335,6 +391,7 @@ const REFRESH_STEADY: &str = concat!(
         "devices.offline_after_ms",
         "coalesce(v.interval_ms, devices.interval_ms)",
         "$16",
+        "devices.rule_ms",
         "$17"
     ),
     " FROM ",
@@ -347,13 +404,14 @@ const REFRESH_STEADY: &str = concat!(
 const UPDATE_DECIDED: &str = concat!(
     "UPDATE devices SET status = v.status, status_changed_at = v.changed, \
          first_seen_at = coalesce(devices.first_seen_at, v.seen), \
-         deadline_at = coalesce(v.deadline, devices.deadline_at), ",
+         deadline_at = coalesce(v.deadline, devices.deadline_at), rule_ms = v.rule, ",
     set_fields!(),
     " FROM ",
     unnest_fields!(
         "$15::text[]" => "status",
         "$16::timestamptz[]" => "changed",
-        "$17::timestamptz[]" => "deadline"
+        "$17::timestamptz[]" => "deadline",
+        "$18::bigint[]" => "rule"
     ),
     " WHERE devices.device_id = v.device_id"
 );
@@ -364,21 +422,22 @@ const INSERT_DECIDED: &str = concat!(
     "INSERT INTO devices (device_id, status, last_seen_at, first_seen_at, \
          status_changed_at, registered_at, device_time, clock_skew_ms, error, interval_ms, \
          deadline_at, uptime_seconds, free_memory, firmware_version, hostname, os_info, \
-         metrics, labels, parent) \
+         metrics, labels, parent, rule_ms) \
      SELECT v.device_id, v.status, v.seen, v.seen, v.changed, v.changed, v.device_time, \
          v.skew, v.error, v.interval_ms, v.deadline, v.uptime, v.memory, v.firmware, \
          v.hostname, v.os_info::jsonb, v.metrics::jsonb, v.labels::jsonb, \
-         nullif(v.parent, '') FROM ",
+         nullif(v.parent, ''), v.rule FROM ",
     unnest_fields!(
         "$15::text[]" => "status",
         "$16::timestamptz[]" => "changed",
-        "$17::timestamptz[]" => "deadline"
+        "$17::timestamptz[]" => "deadline",
+        "$18::bigint[]" => "rule"
     ),
     " ON CONFLICT (device_id) DO NOTHING RETURNING device_id"
 );
 
 const SELECT_CURRENT: &str = "SELECT device_id, status, last_seen_at, status_changed_at, error, \
-         offline_after_ms, interval_ms \
+         offline_after_ms, interval_ms, labels::text AS labels \
      FROM devices WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE";
 
 const INSERT_EVENTS: &str = "INSERT INTO status_events (event_id, device_id, status, \
@@ -440,6 +499,7 @@ async fn read_current(
                 error: row.text("error")?,
                 offline_after: row.int("offline_after_ms")?.map(deadline::from_millis),
                 interval: row.int("interval_ms")?.map(deadline::from_millis),
+                labels: row.json("labels")?.unwrap_or_default(),
             },
         );
     }
@@ -470,17 +530,20 @@ fn decided<'q>(
     let mut statuses = Vec::with_capacity(rows.len());
     let mut changed = Vec::with_capacity(rows.len());
     let mut deadline = Vec::with_capacity(rows.len());
+    let mut rule = Vec::with_capacity(rows.len());
     for row in rows {
         fields.push(row.update, row.error)?;
         statuses.push(row.status.as_str());
         changed.push(time(row.status_changed_at));
         deadline.push(times(row.deadline_at));
+        rule.push(row.rule.map(deadline::millis));
     }
     Ok(fields
         .bind(sqlx::query(sql))
         .bind(statuses)
         .bind(changed)
-        .bind(deadline))
+        .bind(deadline)
+        .bind(rule))
 }
 
 /// Writes decided rows: updates those whose devices were read (and locked), inserts
@@ -591,11 +654,16 @@ impl Store for PgStore {
         let mut updates: Vec<&DeviceUpdate> = updates.iter().collect();
         updates.sort_unstable_by(|a, b| a.device.as_str().cmp(b.device.as_str()));
         let mut tx = self.pool.begin().await?;
-        let steady: Vec<Refresh<'_>> = updates.iter().filter_map(|u| rules::steady(u)).collect();
+        let steady: Vec<Refresh<'_>> = updates
+            .iter()
+            .filter_map(|u| rules::steady(u, &self.deadlines))
+            .collect();
         let missed = refresh_steady(&mut tx, &steady, &self.deadlines).await?;
         let mut pending: Vec<&DeviceUpdate> = updates
             .into_iter()
-            .filter(|u| rules::steady(u).is_none() || missed.contains(u.device.as_str()))
+            .filter(|u| {
+                rules::steady(u, &self.deadlines).is_none() || missed.contains(u.device.as_str())
+            })
             .collect();
         let mut applied = Applied::default();
         for _ in 0..DECIDE_ROUNDS {
@@ -671,12 +739,19 @@ impl Store for PgStore {
     }
 
     async fn set_labels(&self, id: &DeviceId, labels: &Labels) -> Result<Device, StoreError> {
+        // The whole set changes, so may the label rule and the deadline with it.
         let row = sqlx::query(concat!(
-            "UPDATE devices SET labels = $2::jsonb WHERE device_id = $1 RETURNING ",
+            "UPDATE devices SET labels = $2::jsonb, rule_ms = $3::bigint, \
+             deadline_at = last_seen_at + ",
+            offline_after!("offline_after_ms", "interval_ms", "$4", "$3::bigint", "$5"),
+            " WHERE device_id = $1 RETURNING ",
             device_columns!()
         ))
         .bind(id.as_str())
         .bind(labels.to_json())
+        .bind(self.deadlines.rule(labels).map(deadline::millis))
+        .bind(self.deadlines.missed_beats_i64())
+        .bind(self.deadlines.default_ms())
         .fetch_optional(&self.pool)
         .await?;
         updated_device(row.as_ref(), id)
@@ -689,7 +764,7 @@ impl Store for PgStore {
     ) -> Result<Device, StoreError> {
         let row = sqlx::query(concat!(
             "UPDATE devices SET offline_after_ms = $2::bigint, deadline_at = last_seen_at + ",
-            offline_after!("$2::bigint", "interval_ms", "$3", "$4"),
+            offline_after!("$2::bigint", "interval_ms", "$3", "rule_ms", "$4"),
             " WHERE device_id = $1 RETURNING ",
             device_columns!()
         ))
@@ -1173,6 +1248,7 @@ mod tests {
             Deadlines {
                 default: Duration::from_secs(60),
                 missed_beats: 3,
+                rules: Vec::new(),
             },
         )
         .await
@@ -1190,6 +1266,19 @@ mod tests {
     }
 
     crate::storage::conformance::store_conformance!(store().await);
+    crate::storage::conformance::label_rules_conformance!({
+        let db = ScratchDatabase::create().await;
+        move |deadlines| {
+            // The database lives as long as the closure, which the test holds.
+            let (url, _db) = (db.url.clone(), &db);
+            async move {
+                let store = PgStore::open(&url, PgSettings::default(), deadlines)
+                    .await
+                    .expect("open store");
+                std::sync::Arc::new(store) as std::sync::Arc<dyn Store>
+            }
+        }
+    });
     crate::storage::notify_conformance::notification_conformance!(store().await);
     crate::storage::silence_conformance::silence_conformance!(store().await);
 }

@@ -41,9 +41,10 @@ use crate::update::{DeviceUpdate, Report};
 
 /// A device's `offline_after` in milliseconds, by the rules of
 /// [`crate::deadline::Deadlines`], in SQL: its own setting, else its interval times
-/// the missed beats, else the default (each the SQL expression given).
+/// the missed beats, else its label rule's, else the default (each the SQL
+/// expression given).
 macro_rules! offline_after {
-    ($own:literal, $interval:literal, $missed:literal, $default:literal) => {
+    ($own:literal, $interval:literal, $missed:literal, $rule:literal, $default:literal) => {
         concat!(
             "coalesce(",
             $own,
@@ -51,6 +52,8 @@ macro_rules! offline_after {
             $interval,
             " * ",
             $missed,
+            ", ",
+            $rule,
             ", ",
             $default,
             ")"
@@ -88,8 +91,60 @@ impl SqliteStore {
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
         let store = Self { pool, deadlines };
+        store.rematch_rules().await?;
         store.reschedule().await?;
         Ok(store)
+    }
+
+    /// Brings every device's stored label rule (`rule_ms`) in line with the configured
+    /// rules: without rules, one statement clears them; with rules, the labelled
+    /// devices are read a page at a time and those whose rule changed are rewritten.
+    async fn rematch_rules(&self) -> Result<(), StoreError> {
+        if self.deadlines.rules.is_empty() {
+            sqlx::query("UPDATE devices SET rule_ms = NULL WHERE rule_ms IS NOT NULL")
+                .execute(&self.pool)
+                .await?;
+            return Ok(());
+        }
+        let mut after = String::new();
+        let mut changed = 0u64;
+        loop {
+            let rows = sqlx::query(
+                "SELECT device_id, labels, rule_ms FROM devices                  WHERE device_id > ?1 AND labels IS NOT NULL ORDER BY device_id LIMIT 10000",
+            )
+            .bind(&after)
+            .fetch_all(&self.pool)
+            .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.try_get("device_id")?;
+            let mut moved: Vec<(String, Option<i64>)> = Vec::new();
+            for row in &rows {
+                let labels: Labels = row.json("labels")?.unwrap_or_default();
+                let rule = self.deadlines.rule(&labels).map(deadline::millis);
+                if rule != row.int("rule_ms")? {
+                    moved.push((row.try_get("device_id")?, rule));
+                }
+            }
+            if moved.is_empty() {
+                continue;
+            }
+            changed += moved.len() as u64;
+            let mut tx = self.write().await?;
+            for chunk in chunks(&moved) {
+                let mut query =
+                    QueryBuilder::<Sqlite>::new("UPDATE devices SET rule_ms = v.column2 FROM (");
+                query.push_values(chunk, |mut values, (id, rule)| {
+                    values.push_bind(id.as_str()).push_bind(*rule);
+                });
+                query.push(") AS v WHERE devices.device_id = v.column1");
+                query.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        }
+        if changed > 0 {
+            tracing::info!(devices = changed, "label rules matched again");
+        }
+        Ok(())
     }
 
     /// Rewrites the deadlines that differ from what `self.deadlines` makes of them:
@@ -98,9 +153,9 @@ impl SqliteStore {
         let mut tx = self.write().await?;
         let moved = sqlx::query(concat!(
             "UPDATE devices SET deadline_at = last_seen_at + ",
-            offline_after!("offline_after_ms", "interval_ms", "?1", "?2"),
+            offline_after!("offline_after_ms", "interval_ms", "?1", "rule_ms", "?2"),
             " WHERE last_seen_at IS NOT NULL AND deadline_at IS NOT last_seen_at + ",
-            offline_after!("offline_after_ms", "interval_ms", "?1", "?2")
+            offline_after!("offline_after_ms", "interval_ms", "?1", "rule_ms", "?2")
         ))
         .bind(self.deadlines.missed_beats_i64())
         .bind(self.deadlines.default_ms())
@@ -250,13 +305,13 @@ impl ReportColumns {
 }
 
 const SELECT_CURRENT: &str = "SELECT device_id, status, last_seen_at, status_changed_at, error, \
-     offline_after_ms, interval_ms \
+     offline_after_ms, interval_ms, labels \
      FROM devices WHERE device_id IN (SELECT value FROM json_each(?1))";
 
 const INSERT_DEVICES: &str = "INSERT INTO devices (device_id, status, last_seen_at, \
      first_seen_at, status_changed_at, registered_at, device_time, clock_skew_ms, error, \
      interval_ms, deadline_at, labels, \
-     uptime_seconds, free_memory, firmware_version, hostname, os_info, metrics, parent) ";
+     uptime_seconds, free_memory, firmware_version, hostname, os_info, metrics, parent, rule_ms) ";
 
 const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
          status = excluded.status, \
@@ -277,13 +332,16 @@ const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
          os_info = coalesce(excluded.os_info, devices.os_info), \
          metrics = coalesce(excluded.metrics, devices.metrics), \
          parent = CASE WHEN excluded.parent IS NULL THEN devices.parent \
-             ELSE nullif(excluded.parent, '') END";
+             ELSE nullif(excluded.parent, '') END, \
+         rule_ms = excluded.rule_ms";
 
 /// `column1..column15` of the VALUES list: id, status, seen, device_time,
 /// clock_skew_ms, error, interval, the six report columns, labels (merged key by key
 /// into the stored ones), parent ([`parent_change`]: NULL keeps it). The deadline
-/// comes last, [`offline_after!`] spelled out: its two parameters (missed beats, default offline_after) are bound by
-/// [`refresh_steady`] in text order, before the VALUES.
+/// comes last, [`offline_after!`] spelled out (the label rule is the stored one: a
+/// heartbeat with labels only comes here while no rules are configured): its two
+/// parameters (missed beats, default offline_after) are bound by [`refresh_steady`] in
+/// text order, before the VALUES.
 const REFRESH_STEADY: &str = "UPDATE devices SET \
          last_seen_at = coalesce(v.column3, devices.last_seen_at), \
          device_time = coalesce(v.column4, devices.device_time), \
@@ -330,7 +388,7 @@ macro_rules! device_columns {
     };
 }
 
-/// Largest chunk of rows per statement: 1024 rows of 19 columns stay well under
+/// Largest chunk of rows per statement: 1024 rows of 20 columns stay well under
 /// SQLite's 32,766 bound parameters.
 const MAX_CHUNK: usize = 1024;
 
@@ -390,7 +448,9 @@ async fn upsert_devices(
             } else {
                 parent.filter(|p| !p.is_empty())
             };
-            values.push_bind(parent.map(str::to_string));
+            values
+                .push_bind(parent.map(str::to_string))
+                .push_bind(row.rule.map(deadline::millis));
         });
         query.push(ON_CONFLICT_UPDATE);
         query.build().execute(&mut **tx).await?;
@@ -419,7 +479,7 @@ async fn refresh_steady(
         // The deadline's two parameters, in text order: before the VALUES.
         query
             .push_bind(deadlines.missed_beats_i64())
-            .push(", ")
+            .push(", devices.rule_ms, ")
             .push_bind(deadlines.default_ms())
             .push(") FROM (");
         query.push_values(
@@ -484,6 +544,7 @@ async fn read_current(
                 error: row.try_get("error")?,
                 offline_after: row.int("offline_after_ms")?.map(deadline::from_millis),
                 interval: row.int("interval_ms")?.map(deadline::from_millis),
+                labels: row.json("labels")?.unwrap_or_default(),
             },
         );
     }
@@ -549,11 +610,16 @@ impl Store for SqliteStore {
         let mut tx = self.write().await?;
         // Most of a flush is devices that keep their status: refresh those in place,
         // then read, decide and write only the rest.
-        let steady: Vec<Refresh<'_>> = updates.iter().filter_map(rules::steady).collect();
+        let steady: Vec<Refresh<'_>> = updates
+            .iter()
+            .filter_map(|u| rules::steady(u, &self.deadlines))
+            .collect();
         let missed = refresh_steady(&mut tx, &steady, &self.deadlines).await?;
         let updates: Vec<&DeviceUpdate> = updates
             .iter()
-            .filter(|u| rules::steady(u).is_none() || missed.contains(u.device.as_str()))
+            .filter(|u| {
+                rules::steady(u, &self.deadlines).is_none() || missed.contains(u.device.as_str())
+            })
             .collect();
         if updates.is_empty() {
             tx.commit().await?;
@@ -619,12 +685,18 @@ impl Store for SqliteStore {
 
     async fn set_labels(&self, id: &DeviceId, labels: &Labels) -> Result<Device, StoreError> {
         let mut tx = self.write().await?;
+        // The whole set changes, so may the label rule and the deadline with it.
         let row = sqlx::query(concat!(
-            "UPDATE devices SET labels = ?2 WHERE device_id = ?1 RETURNING ",
+            "UPDATE devices SET labels = ?2, rule_ms = ?3, deadline_at = last_seen_at + ",
+            offline_after!("offline_after_ms", "interval_ms", "?4", "?3", "?5"),
+            " WHERE device_id = ?1 RETURNING ",
             device_columns!()
         ))
         .bind(id.as_str())
         .bind(labels.to_json())
+        .bind(self.deadlines.rule(labels).map(deadline::millis))
+        .bind(self.deadlines.missed_beats_i64())
+        .bind(self.deadlines.default_ms())
         .fetch_optional(&mut *tx)
         .await?;
         updated_device(tx, row, id).await
@@ -638,7 +710,7 @@ impl Store for SqliteStore {
         let mut tx = self.write().await?;
         let row = sqlx::query(concat!(
             "UPDATE devices SET offline_after_ms = ?2, deadline_at = last_seen_at + ",
-            offline_after!("?2", "interval_ms", "?3", "?4"),
+            offline_after!("?2", "interval_ms", "?3", "rule_ms", "?4"),
             " WHERE device_id = ?1 RETURNING ",
             device_columns!()
         ))
@@ -1070,6 +1142,7 @@ mod tests {
             Deadlines {
                 default: Duration::from_secs(60),
                 missed_beats: 3,
+                rules: Vec::new(),
             },
         )
         .await
@@ -1087,6 +1160,20 @@ mod tests {
     }
 
     crate::storage::conformance::store_conformance!(store().await);
+    crate::storage::conformance::label_rules_conformance!({
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        move |deadlines| {
+            // The directory lives as long as the closure, which the test holds.
+            let (url, _dir) = (url.clone(), &dir);
+            async move {
+                let store = SqliteStore::open(&url, deadlines)
+                    .await
+                    .expect("open store");
+                std::sync::Arc::new(store) as std::sync::Arc<dyn Store>
+            }
+        }
+    });
     crate::storage::notify_conformance::notification_conformance!(store().await);
     crate::storage::silence_conformance::silence_conformance!(store().await);
 }
