@@ -19,6 +19,9 @@ pub struct DbFigures {
     pub hub_rows_per_s: f64,
     /// Rows per second through the bare upsert.
     pub bare_rows_per_s: f64,
+    /// Rows per second through `Store::apply` with a label rule configured and every
+    /// heartbeat carrying labels: each takes the full path (read, decide, write).
+    pub labelled_rows_per_s: f64,
 }
 
 fn heartbeat(uptime: u64) -> Heartbeat {
@@ -59,6 +62,24 @@ pub async fn measure(
         rows_per_s(devices, each, |round| hub_round(&store, &ids, batch, round)).await?;
     drop(store);
 
+    // The same with a label rule, every heartbeat repeating its labels.
+    let labelled_url = format!("sqlite://{}", dir.join("db-labelled.db").display());
+    let labels: fleetwatch::labels::Labels =
+        serde_json::from_value(serde_json::json!({"kind": "sensor", "site": "north"}))?;
+    let rules = fleetwatch::deadline::Deadlines {
+        rules: vec![fleetwatch::deadline::Rule {
+            labels: labels.clone(),
+            offline_after: Duration::from_secs(7200),
+        }],
+        ..fleetwatch::deadline::Deadlines::default()
+    };
+    let store = SqliteStore::open(&labelled_url, rules).await?;
+    let labelled_rows_per_s = rows_per_s(devices, each, |round| {
+        round_of(&store, &ids, batch, round, Some(&labels))
+    })
+    .await?;
+    drop(store);
+
     // The bare loop: same schema (the hub's migrations), same pragmas, same batch.
     let bare_url = format!("sqlite://{}", dir.join("db-bare.db").display());
     drop(SqliteStore::connect(&bare_url).await?);
@@ -76,6 +97,7 @@ pub async fn measure(
     Ok(DbFigures {
         hub_rows_per_s,
         bare_rows_per_s,
+        labelled_rows_per_s,
     })
 }
 
@@ -127,6 +149,17 @@ pub async fn hub_round<S: Store>(
     batch: usize,
     round: u64,
 ) -> Result<()> {
+    round_of(store, ids, batch, round, None).await
+}
+
+/// [`hub_round`], each heartbeat carrying `labels` if given.
+async fn round_of<S: Store>(
+    store: &S,
+    ids: &[DeviceId],
+    batch: usize,
+    round: u64,
+    labels: Option<&fleetwatch::labels::Labels>,
+) -> Result<()> {
     let mut at = 1_000_000 + (round as i64) * ids.len() as i64;
     for chunk in ids.chunks(batch) {
         let mut pending = Batch::default();
@@ -135,7 +168,10 @@ pub async fn hub_round<S: Store>(
             pending.add_heartbeat(
                 id.clone(),
                 Timestamp::from_unix_millis(at),
-                heartbeat(round),
+                Heartbeat {
+                    labels: labels.cloned(),
+                    ..heartbeat(round)
+                },
             );
         }
         store

@@ -355,6 +355,23 @@ pub async fn db(dir: &Path, scale: &Scale, report: &mut Report) -> Result<()> {
             "batch": scale.db_batch,
         }),
     );
+    report.add(
+        "db_labelled_ratio",
+        figures.labelled_rows_per_s / figures.hub_rows_per_s,
+        "",
+        None,
+        Some(Baseline {
+            what: "the same heartbeats without labels or rules".into(),
+            value: figures.hub_rows_per_s,
+            unit: "rows/s",
+        }),
+        json!({
+            "labelled_rows_per_s": figures.labelled_rows_per_s,
+            "hub_rows_per_s": figures.hub_rows_per_s,
+            "rules": 1,
+            "labels_per_heartbeat": 2,
+        }),
+    );
     Ok(())
 }
 
