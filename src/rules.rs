@@ -55,16 +55,16 @@ pub struct Refresh<'a> {
 }
 
 /// The refresh for `update` if it leaves its device's status as it is: the device
-/// only sent heartbeats of one kind since the last flush. `None`: the full path. So
-/// does a heartbeat carrying labels while label rules are configured: the rule that
-/// applies depends on the stored labels merged with its own, which [`decide`] reads.
-pub fn steady<'a>(update: &'a DeviceUpdate, deadlines: &Deadlines) -> Option<Refresh<'a>> {
+/// only sent heartbeats of one kind since the last flush. `None`: the full path.
+///
+/// While label rules are configured, a store's refresh also requires that the
+/// update's labels change none of the stored ones: the rule that applies depends on
+/// the labels as merged, which [`decide`] reads. Firmware repeating its labels in
+/// every heartbeat stays on this path; a heartbeat that changes a label does not.
+pub fn steady(update: &DeviceUpdate) -> Option<Refresh<'_>> {
     let [step] = update.steps.as_slice() else {
         return None;
     };
-    if update.labels.is_some() && !deadlines.rules.is_empty() {
-        return None;
-    }
     let Signal::Heartbeat { healthy } = step.signal else {
         return None;
     };
@@ -375,10 +375,7 @@ mod tests {
         });
         let refreshes: Vec<_> = updates
             .iter()
-            .map(|u| {
-                steady(u, &Deadlines::default())
-                    .map(|r| (r.update.device.to_string(), r.status, r.error))
-            })
+            .map(|u| steady(u).map(|r| (r.update.device.to_string(), r.status, r.error)))
             .collect();
         assert_eq!(
             refreshes,
@@ -416,11 +413,7 @@ mod tests {
             b.add_heartbeat(id("late-will"), at(1_000), beat(true));
             b.add_connection_lost(id("late-will"), at(1_100));
         });
-        assert!(
-            updates
-                .iter()
-                .all(|u| steady(u, &Deadlines::default()).is_none())
-        );
+        assert!(updates.iter().all(|u| steady(u).is_none()));
 
         // A heartbeat step with no word on the error text: keeping the stored text
         // needs the stored row.
@@ -434,7 +427,7 @@ mod tests {
             error: None,
             ..updates[0].clone()
         };
-        assert_eq!(steady(&silent_on_error, &Deadlines::default()), None);
+        assert_eq!(steady(&silent_on_error), None);
     }
 
     #[test]
@@ -661,8 +654,8 @@ mod tests {
         .expect("valid labels")
     }
 
-    /// A heartbeat's labels are merged into the stored ones before the rule is picked,
-    /// so such a heartbeat takes the full path while rules exist (and only then).
+    /// A heartbeat's labels are merged into the stored ones before the rule is picked
+    /// (the stores send a heartbeat whose labels change something down this path).
     #[test]
     fn a_label_rule_applies_to_the_labels_as_merged_and_below_an_interval() {
         let fleet = Deadlines {
@@ -685,15 +678,6 @@ mod tests {
                 b.add_heartbeat(id(device), at(10_000), hb);
             }
         });
-        let without_rules = Deadlines::default();
-        assert!(updates.iter().all(|u| steady(u, &without_rules).is_some()));
-        let paths: Vec<bool> = updates
-            .iter()
-            .map(|u| steady(u, &fleet).is_some())
-            .collect();
-        // declares, elsewhere, joins, plain: only the one without labels stays steady.
-        assert_eq!(paths, [false, false, false, true]);
-
         let mut north = device(Status::Online, Some(500), 500, None);
         north.labels = labels(&[("site", "north")]);
         let mut south = device(Status::Online, Some(500), 500, None);

@@ -20,8 +20,13 @@ pub struct DbFigures {
     /// Rows per second through the bare upsert.
     pub bare_rows_per_s: f64,
     /// Rows per second through `Store::apply` with a label rule configured and every
-    /// heartbeat carrying labels: each takes the full path (read, decide, write).
+    /// heartbeat repeating the same labels.
     pub labelled_rows_per_s: f64,
+    /// Seconds to open that database again with another rule, which every device's
+    /// labels match (each start matches the labelled devices again), and with the
+    /// same rules again.
+    pub rematch_changed_s: f64,
+    pub rematch_same_s: f64,
 }
 
 fn heartbeat(uptime: u64) -> Heartbeat {
@@ -73,12 +78,20 @@ pub async fn measure(
         }],
         ..fleetwatch::deadline::Deadlines::default()
     };
-    let store = SqliteStore::open(&labelled_url, rules).await?;
+    let store = SqliteStore::open(&labelled_url, rules.clone()).await?;
     let labelled_rows_per_s = rows_per_s(devices, each, |round| {
         round_of(&store, &ids, batch, round, Some(&labels))
     })
     .await?;
     drop(store);
+    let mut other = rules.clone();
+    other.rules[0].offline_after = Duration::from_secs(3600);
+    let started = Instant::now();
+    drop(SqliteStore::open(&labelled_url, other.clone()).await?);
+    let rematch_changed_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    drop(SqliteStore::open(&labelled_url, other).await?);
+    let rematch_same_s = started.elapsed().as_secs_f64();
 
     // The bare loop: same schema (the hub's migrations), same pragmas, same batch.
     let bare_url = format!("sqlite://{}", dir.join("db-bare.db").display());
@@ -98,6 +111,8 @@ pub async fn measure(
         hub_rows_per_s,
         bare_rows_per_s,
         labelled_rows_per_s,
+        rematch_changed_s,
+        rematch_same_s,
     })
 }
 

@@ -370,6 +370,8 @@ pub async fn db(dir: &Path, scale: &Scale, report: &mut Report) -> Result<()> {
             "hub_rows_per_s": figures.hub_rows_per_s,
             "rules": 1,
             "labels_per_heartbeat": 2,
+            "open_with_another_rule_s": figures.rematch_changed_s,
+            "open_with_the_same_rules_s": figures.rematch_same_s,
         }),
     );
     Ok(())

@@ -1492,7 +1492,7 @@ pub(crate) async fn label_rules_pick_the_deadline_and_follow_labels_and_configur
     assert_eq!(deadline_of(&store, "plain").await, Some(at(3_000)));
 
     // Heartbeats of devices that stay online: labels merged into the stored ones pick
-    // the rule; none keeps the stored rule.
+    // the rule; the same labels again keep it.
     apply(&store, |b| {
         b.add_heartbeat(
             id("later"),
@@ -1504,7 +1504,11 @@ pub(crate) async fn label_rules_pick_the_deadline_and_follow_labels_and_configur
             at(2_000),
             beat_labelled(json!({"site": "south"})),
         );
-        b.add_heartbeat(id("s-south"), at(2_000), beat(true, None));
+        b.add_heartbeat(
+            id("s-south"),
+            at(2_000),
+            beat_labelled(json!({"site": "south", "kind": "sensor"})),
+        );
     })
     .await;
     assert_eq!(deadline_of(&store, "later").await, Some(at(62_000)));

@@ -382,7 +382,8 @@ mod silences;
 /// status differs, or the device is unknown): they take the full path.
 /// The deadline is computed in the write from the stored setting, interval and label
 /// rule (a heartbeat with labels only comes here while no rules are configured), with
-/// the missed beats and default offline_after as `$16` and `$17`.
+/// the missed beats and default offline_after as `$16` and `$17`; `$18` says whether
+/// label rules are configured.
 const REFRESH_STEADY: &str = concat!(
     "UPDATE devices SET ",
     set_fields!(),
@@ -396,7 +397,11 @@ const REFRESH_STEADY: &str = concat!(
     ),
     " FROM ",
     unnest_fields!("$15::text[]" => "status"),
+    // While label rules are configured ($18), the update's labels must change none
+    // of the stored ones (see `rules::steady`).
     " WHERE devices.device_id = v.device_id AND devices.status = v.status \
+         AND (NOT $18::boolean OR v.labels IS NULL \
+             OR coalesce(devices.labels, '{}'::jsonb) || v.labels::jsonb = devices.labels) \
      RETURNING devices.device_id"
 );
 
@@ -469,6 +474,7 @@ async fn refresh_steady(
         .bind(expected)
         .bind(deadlines.missed_beats_i64())
         .bind(deadlines.default_ms())
+        .bind(!deadlines.rules.is_empty())
         .fetch_all(&mut *tx)
         .await?;
     not_returned(
@@ -654,16 +660,11 @@ impl Store for PgStore {
         let mut updates: Vec<&DeviceUpdate> = updates.iter().collect();
         updates.sort_unstable_by(|a, b| a.device.as_str().cmp(b.device.as_str()));
         let mut tx = self.pool.begin().await?;
-        let steady: Vec<Refresh<'_>> = updates
-            .iter()
-            .filter_map(|u| rules::steady(u, &self.deadlines))
-            .collect();
+        let steady: Vec<Refresh<'_>> = updates.iter().filter_map(|u| rules::steady(u)).collect();
         let missed = refresh_steady(&mut tx, &steady, &self.deadlines).await?;
         let mut pending: Vec<&DeviceUpdate> = updates
             .into_iter()
-            .filter(|u| {
-                rules::steady(u, &self.deadlines).is_none() || missed.contains(u.device.as_str())
-            })
+            .filter(|u| rules::steady(u).is_none() || missed.contains(u.device.as_str()))
             .collect();
         let mut applied = Applied::default();
         for _ in 0..DECIDE_ROUNDS {
