@@ -565,7 +565,7 @@ impl Engine {
                 .filter(|_| event.status == Status::Offline && held.notice.reminder.is_none())
                 .and_then(|p| parents.get(p));
             if let Some(parent) = parent {
-                if is_down(parent.status) {
+                if is_down(parent.status) && !self.folds_into(&parent.device_id, &event.device_id) {
                     // Behind a parent that is down: the parent's message tells.
                     let folded = Down::Folded {
                         parent: parent.device_id.clone(),
@@ -625,6 +625,25 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Whether `device` is folded, directly or through folded parents, into `into`:
+    /// folding `into` into `device` then would close a loop (parents naming each
+    /// other), where each would wait on the other's message and nobody be told.
+    fn folds_into(&self, device: &DeviceId, into: &DeviceId) -> bool {
+        let mut at = device;
+        // Each step follows a folded device to its parent; a chain cannot be longer
+        // than the devices folded.
+        for _ in 0..=self.down.len() {
+            if at == into {
+                return true;
+            }
+            match self.down.get(at) {
+                Some(Down::Folded { parent, .. }) => at = parent,
+                _ => return false,
+            }
+        }
+        false
     }
 
     /// Windows that closed become messages.

@@ -568,6 +568,32 @@ async fn children_behind_a_parent_that_is_down_fold_into_its_message() {
     );
 }
 
+/// Parents naming each other (a configuration mistake the heartbeats cannot rule
+/// out) going down together: one is folded into the other, whose message is sent,
+/// never both into each other with nobody told.
+#[tokio::test]
+async fn devices_naming_each_other_as_parent_are_never_both_folded() {
+    let mut h = Harness::new(PolicySettings::default());
+    for (name, parent) in [("a", "c"), ("b", "a"), ("c", "b")] {
+        h.world.set(name, Status::Offline, 9_000, None);
+        h.transition(
+            name,
+            Status::Online,
+            Status::Offline,
+            10_000,
+            Labels::default(),
+            Some(parent),
+        );
+    }
+    let decided = h.pass(10_000).await;
+    assert_eq!(
+        told(&decided),
+        [pair("device.offline", "c")],
+        "a folds into c, b into a, and c, whose parent b is folded into it, is told"
+    );
+    assert_eq!(h.engine.oldest_held(), None);
+}
+
 #[tokio::test]
 async fn a_child_waits_for_its_parents_fate_at_most_until_the_parents_deadline() {
     let mut h = Harness::new(PolicySettings::default());
