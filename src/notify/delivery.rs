@@ -546,6 +546,18 @@ impl Sinks {
         let store = &self.store;
         let name = &sink.spec.name;
         let mut queued = false;
+        if engine.needs_recall() {
+            // Devices a silence held before this process started, whose latest
+            // transition this sink's filter matches.
+            let mut held = Vec::new();
+            for device in self.facts.silenced_down(self.clock.now()).await? {
+                let latest = self.facts.latest_event(&device.device_id).await?;
+                if latest.is_some_and(|e| sink.spec.filter.matches(&e.event)) {
+                    held.push(device);
+                }
+            }
+            engine.recall(held);
+        }
         loop {
             let events = store.events_after(run.read, PAGE).await?;
             let matched: Vec<&StoredEvent> = events

@@ -28,7 +28,8 @@
 //! memory, so the sink's cursor in the event log stays before the oldest transition
 //! still held: after a restart those transitions are decided again, and what was
 //! already queued is not queued twice (a notification's key is its transition's
-//! position in the log).
+//! position in the log). What silences held past the cursor is found again in the
+//! stores when an engine starts ([`Engine::recall`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -129,6 +130,10 @@ pub trait Facts: Send + Sync + 'static {
     async fn quiet(&self, now: Timestamp) -> Result<Box<dyn Quiet>, StoreError>;
     /// A device's latest transition.
     async fn latest_event(&self, id: &DeviceId) -> Result<Option<StoredEvent>, StoreError>;
+    /// The devices down now, silenced now, and silenced when they went down (by
+    /// silences in force at `now` or later): those whose down transition a silence
+    /// held, to be told when their silences end.
+    async fn silenced_down(&self, now: Timestamp) -> Result<Vec<Device>, StoreError>;
 }
 
 /// A message the policy decided to send.
@@ -225,6 +230,9 @@ pub struct Engine {
     held_down: HashMap<DeviceId, Vec<i64>>,
     windows: HashMap<GroupKey, Window>,
     down: HashMap<DeviceId, Down>,
+    /// Whether the devices a silence holds have been recalled from the stores since
+    /// this engine started (or was reset).
+    recalled: bool,
 }
 
 /// The device facts a transition is held with.
@@ -263,6 +271,7 @@ impl Engine {
             held_down: HashMap::new(),
             windows: HashMap::new(),
             down: HashMap::new(),
+            recalled: false,
         }
     }
 
@@ -272,6 +281,7 @@ impl Engine {
         self.held_down.clear();
         self.windows.clear();
         self.down.clear();
+        self.recalled = false;
     }
 
     /// The position of the oldest transition from the log still held: the sink's
@@ -424,6 +434,28 @@ impl Engine {
         self.remind(now);
         self.decide_ready(now, facts).await?;
         self.close_windows(now, facts, quiet.as_ref()).await
+    }
+
+    /// Whether [`Self::recall`] is due: the engine is new, or was reset.
+    pub fn needs_recall(&self) -> bool {
+        !self.recalled
+    }
+
+    /// What a silence held before this engine started: `devices` ([`Facts::silenced_down`],
+    /// those the sink's filter matches) are down since before their silence, so their
+    /// down transition was not sent; they are told when their silences end, as if
+    /// this engine had decided them. (Transitions after the sink's cursor are decided
+    /// again anyway; their keys keep them from being queued twice.)
+    pub fn recall(&mut self, devices: impl IntoIterator<Item = Device>) {
+        for device in devices {
+            self.down
+                .entry(device.device_id.clone())
+                .or_insert(Down::Silenced {
+                    labels: device.labels,
+                    changed_at: device.status_changed_at,
+                });
+        }
+        self.recalled = true;
     }
 
     /// Devices whose silences ended while down, and folded children still down a
@@ -787,6 +819,35 @@ impl Facts for StoreFacts {
 
     async fn latest_event(&self, id: &DeviceId) -> Result<Option<StoredEvent>, StoreError> {
         Ok(self.0.events(id, None, 1).await?.into_iter().next())
+    }
+
+    async fn silenced_down(&self, now: Timestamp) -> Result<Vec<Device>, StoreError> {
+        let silences = self.0.silences(now).await?;
+        if silences.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut held = Vec::new();
+        for status in [Status::Offline, Status::Error] {
+            let mut after = None;
+            loop {
+                let page = self
+                    .0
+                    .devices(&crate::storage::DeviceQuery {
+                        status: Some(status),
+                        after: after.clone(),
+                        limit: 1_000,
+                        ..Default::default()
+                    })
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.device_id.clone());
+                held.extend(page.into_iter().filter(|d| {
+                    let silenced = |at| silences.silenced_until(&d.device_id, &d.labels, at);
+                    silenced(now).is_some() && silenced(d.status_changed_at).is_some()
+                }));
+            }
+        }
+        Ok(held)
     }
 }
 

@@ -433,3 +433,74 @@ async fn a_silence_holds_notifications_and_a_device_still_down_at_its_end_is_tol
     drop(flaky);
     app.stop().await;
 }
+
+/// A hub stopped between a silenced device's offline and the silence's end: the next
+/// one recalls what the silence held (its engine starts empty, past that transition in
+/// the log) and tells it when the silence ends, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_a_silence_held_across_a_restart_is_told_when_the_silence_ends() {
+    let hooks = Receiver::start().await;
+    let database = std::sync::Arc::new(TestDatabase::create(Database::Sqlite).await);
+    let mut settings = test_settings(&Broker::Embedded, &database);
+    settings.notify.sinks = vec![webhook("ops", hooks.url("/hooks"))];
+    let app = start(settings.clone(), database.clone()).await;
+    let mut watcher = app.watch().await;
+    let broken = app.device("broken", BEAT).await;
+    watcher.expect("broken", Status::Online, "registered").await;
+    let ends_at = chrono::Utc::now() + chrono::Duration::seconds(10);
+    let response = app
+        .request(reqwest::Method::POST, "/api/v1/silences")
+        .json(&serde_json::json!({
+            "device_ids": ["broken"],
+            "ends_at": ends_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    broken.silence().await.expect("silence");
+    watcher
+        .expect("broken", Status::Offline, "heartbeat_timeout")
+        .await;
+    let id = "broken".parse().expect("id");
+    let offline = app.store.events(&id, None, 1).await.expect("read");
+    let seq = offline.first().expect("the offline event").seq;
+    // The sink's cursor, read from the file: past the offline once it is decided.
+    let url = format!("sqlite://{}?mode=ro", app.db_path().display());
+    eventually(PATIENCE, "the sink to decide the offline", || async {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&url)
+            .await
+            .expect("open the file");
+        let cursor: Option<i64> =
+            sqlx::query_scalar("SELECT last_seq FROM notify_sinks WHERE sink = 'ops'")
+                .fetch_optional(&mut conn)
+                .await
+                .expect("read the cursor");
+        cursor.is_some_and(|c| c >= seq)
+    })
+    .await;
+    app.stop().await;
+    drop(watcher);
+
+    let app = start(settings, database).await;
+    let mut watcher = app.watch().await;
+    assert!(
+        chrono::Utc::now() < ends_at,
+        "the scenario ran past the silence; lengthen it"
+    );
+    assert!(hooks.received().is_empty(), "nothing while silenced");
+    hooks.wait_for_accepted(1, PATIENCE).await;
+    assert!(
+        chrono::Utc::now() >= ends_at,
+        "told only once the silence ended"
+    );
+    watcher.collect_for(Duration::from_secs(3)).await;
+    assert_eq!(
+        told(&hooks),
+        [("device.offline".to_string(), "broken".to_string(), 0)],
+        "once"
+    );
+    drop(broken);
+    app.stop().await;
+}

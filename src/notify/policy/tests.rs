@@ -126,6 +126,22 @@ impl Facts for World {
             .find(|e| e.event.device_id == *device)
             .cloned())
     }
+
+    async fn silenced_down(&self, now: Timestamp) -> Result<Vec<Device>, StoreError> {
+        let quiet = Silenced(self.silences.lock().expect("lock").clone());
+        Ok(self
+            .devices
+            .lock()
+            .expect("lock")
+            .values()
+            .filter(|d| is_down(d.status))
+            .filter(|d| {
+                let silenced = |at| quiet.silenced_until(&d.device_id, &d.labels, at);
+                silenced(now).is_some() && silenced(d.status_changed_at).is_some()
+            })
+            .cloned()
+            .collect())
+    }
 }
 
 /// Feeds transitions to an engine and keeps the log, as the sink's task does.
@@ -485,6 +501,49 @@ async fn a_device_still_down_when_its_silence_ends_is_told_then_once() {
         told(&h.pass(300_000).await),
         [pair("device.recovered", "pump-1")]
     );
+}
+
+/// Sets a device's stored status as its transition at `ms` left it.
+fn stays(h: &Harness, name: &str, status: Status, ms: i64) {
+    h.world.set(name, status, ms - 1_000, None);
+    if let Some(d) = h.world.devices.lock().expect("lock").get_mut(&id(name)) {
+        d.status_changed_at = at(ms);
+    }
+}
+
+/// A restart forgets what the engine held; what a silence held is recalled from the
+/// stores: a device down since before its silence is told when the silence ends, and
+/// one that was told before a silence began is not told again.
+#[tokio::test]
+async fn after_a_restart_a_device_a_silence_held_is_told_when_it_ends() {
+    let mut h = Harness::new(PolicySettings::default());
+    h.world.silence("quiet-1", 0, 100_000);
+    h.offline("quiet-1", 1_000);
+    stays(&h, "quiet-1", Status::Offline, 1_000);
+    h.offline("told-1", 1_000);
+    stays(&h, "told-1", Status::Offline, 1_000);
+    assert_eq!(
+        told(&h.pass(1_000).await),
+        [pair("device.offline", "told-1")]
+    );
+    h.world.silence("told-1", 5_000, 100_000);
+
+    // The hub restarts: a new engine, past the transitions in the log.
+    h.engine = Engine::new(PolicySettings::default());
+    assert!(h.engine.needs_recall());
+    let held = h.world.silenced_down(at(10_000)).await.expect("facts");
+    let names: Vec<&str> = held.iter().map(|d| d.device_id.as_str()).collect();
+    assert_eq!(names, ["quiet-1"], "silenced since before it went down");
+    h.engine.recall(held);
+    assert!(!h.engine.needs_recall());
+    assert!(h.pass(10_000).await.is_empty());
+    assert!(h.pass(99_999).await.is_empty());
+    assert_eq!(
+        told(&h.pass(100_000).await),
+        [pair("device.offline", "quiet-1")],
+        "told at the silence's end, and told-1 not again"
+    );
+    assert!(h.pass(200_000).await.is_empty(), "once");
 }
 
 fn child(h: &mut Harness, name: &str, ms: i64) -> i64 {
