@@ -334,8 +334,11 @@ impl Store for RecordWrites {
         self.inner.set_parent(id, parent).await
     }
 
-    async fn count_children(&self, parent: &DeviceId) -> Result<u64, StoreError> {
-        self.inner.count_children(parent).await
+    async fn count_children(
+        &self,
+        parents: &[DeviceId],
+    ) -> Result<std::collections::HashMap<DeviceId, u64>, StoreError> {
+        self.inner.count_children(parents).await
     }
 
     async fn devices_by_id(&self, ids: &[DeviceId]) -> Result<Vec<Device>, StoreError> {

@@ -120,12 +120,13 @@ impl Quiet for Vec<crate::silence::Silence> {
 pub trait Facts: Send + Sync + 'static {
     /// The stored devices among `ids` (unknown ones left out).
     async fn devices(&self, ids: &[DeviceId]) -> Result<Vec<Device>, StoreError>;
-    /// How many devices name `parent`, and the first `limit` of their ids.
+    /// For each of `parents` that devices name as theirs: how many, and the first
+    /// `limit` of their ids (parents without any left out).
     async fn children(
         &self,
-        parent: &DeviceId,
+        parents: &[DeviceId],
         limit: usize,
-    ) -> Result<(u64, Vec<DeviceId>), StoreError>;
+    ) -> Result<HashMap<DeviceId, Behind>, StoreError>;
     /// The silences in force at `now` or later.
     async fn quiet(&self, now: Timestamp) -> Result<Box<dyn Quiet>, StoreError>;
     /// A device's latest transition.
@@ -696,6 +697,15 @@ impl Engine {
             let Some(window) = self.windows.remove(&group) else {
                 continue;
             };
+            // The devices behind each offline member, counted in one query.
+            let offline: Vec<DeviceId> = window
+                .members
+                .iter()
+                .filter_map(|key| self.held.get(key))
+                .filter(|h| h.notice.event.status == Status::Offline && h.notice.reminder.is_none())
+                .map(|h| h.notice.event.device_id.clone())
+                .collect();
+            let mut behind = facts.children(&offline, LISTED).await?;
             let mut notices = Vec::with_capacity(window.members.len());
             for key in window.members {
                 let Some(mut held) = self.held.remove(&key) else {
@@ -733,10 +743,7 @@ impl Engine {
                     continue;
                 }
                 if event.status == Status::Offline && held.notice.reminder.is_none() {
-                    let (count, ids) = facts.children(&device, LISTED).await?;
-                    if count > 0 {
-                        held.notice.behind = Some(Behind { count, first: ids });
-                    }
+                    held.notice.behind = behind.remove(&device);
                 }
                 // Kept only for reminders: a recovery after a down that was sent is
                 // sent anyway (it was down at least min_offline).
@@ -790,22 +797,26 @@ impl Facts for StoreFacts {
 
     async fn children(
         &self,
-        parent: &DeviceId,
+        parents: &[DeviceId],
         limit: usize,
-    ) -> Result<(u64, Vec<DeviceId>), StoreError> {
-        let count = self.0.count_children(parent).await?;
-        if count == 0 {
-            return Ok((0, Vec::new()));
+    ) -> Result<HashMap<DeviceId, Behind>, StoreError> {
+        let mut behind = HashMap::new();
+        // Chunks keep each query's id list a manageable size.
+        for chunk in parents.chunks(10_000) {
+            for (parent, count) in self.0.count_children(chunk).await? {
+                let first = self
+                    .0
+                    .devices(&crate::storage::DeviceQuery {
+                        parent: Some(parent.clone()),
+                        limit: u32::try_from(limit).unwrap_or(u32::MAX),
+                        ..Default::default()
+                    })
+                    .await?;
+                let first = first.into_iter().map(|d| d.device_id).collect();
+                behind.insert(parent, Behind { count, first });
+            }
         }
-        let first = self
-            .0
-            .devices(&crate::storage::DeviceQuery {
-                parent: Some(parent.clone()),
-                limit: u32::try_from(limit).unwrap_or(u32::MAX),
-                ..Default::default()
-            })
-            .await?;
-        Ok((count, first.into_iter().map(|d| d.device_id).collect()))
+        Ok(behind)
     }
 
     async fn quiet(&self, now: Timestamp) -> Result<Box<dyn Quiet>, StoreError> {

@@ -112,8 +112,11 @@ impl Store for FakeStore {
         Err(StoreError::NotFound(id.clone()))
     }
 
-    async fn count_children(&self, _: &DeviceId) -> Result<u64, StoreError> {
-        Ok(0)
+    async fn count_children(
+        &self,
+        _: &[DeviceId],
+    ) -> Result<std::collections::HashMap<DeviceId, u64>, StoreError> {
+        Ok(std::collections::HashMap::new())
     }
 
     async fn devices_by_id(&self, _: &[DeviceId]) -> Result<Vec<Device>, StoreError> {

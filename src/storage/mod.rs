@@ -25,6 +25,7 @@ mod rows;
 mod silences;
 pub mod sqlite;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,9 +126,13 @@ pub trait Store: Send + Sync + 'static {
         parent: Option<&DeviceId>,
     ) -> Result<Device, StoreError>;
 
-    /// How many devices name `parent` as theirs: one count over the parent index (their
-    /// ids, a page at a time: [`DeviceQuery::parent`]).
-    async fn count_children(&self, parent: &DeviceId) -> Result<u64, StoreError>;
+    /// How many devices name each of `parents` as theirs, in one grouped count over
+    /// the parent index; parents without any are left out (their children's ids, a
+    /// page at a time: [`DeviceQuery::parent`]).
+    async fn count_children(
+        &self,
+        parents: &[DeviceId],
+    ) -> Result<HashMap<DeviceId, u64>, StoreError>;
 
     /// The devices `ids` names, in one query (a few thousand ids at a time), in no
     /// particular order; ids of devices that do not exist are left out.

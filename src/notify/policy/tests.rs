@@ -94,20 +94,27 @@ impl Facts for World {
 
     async fn children(
         &self,
-        parent: &DeviceId,
+        parents: &[DeviceId],
         limit: usize,
-    ) -> Result<(u64, Vec<DeviceId>), StoreError> {
+    ) -> Result<HashMap<DeviceId, Behind>, StoreError> {
         // Children are named `{parent}.child-N` in these tests.
         let devices = self.devices.lock().expect("lock");
-        let mut ids: Vec<DeviceId> = devices
-            .keys()
-            .filter(|d| d.as_str().starts_with(&format!("{parent}.")))
-            .cloned()
-            .collect();
-        ids.sort();
-        let count = ids.len() as u64;
-        ids.truncate(limit);
-        Ok((count, ids))
+        let mut behind = HashMap::new();
+        for parent in parents {
+            let mut ids: Vec<DeviceId> = devices
+                .keys()
+                .filter(|d| d.as_str().starts_with(&format!("{parent}.")))
+                .cloned()
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            ids.sort();
+            let count = ids.len() as u64;
+            ids.truncate(limit);
+            behind.insert(parent.clone(), Behind { count, first: ids });
+        }
+        Ok(behind)
     }
 
     async fn quiet(&self, _: Timestamp) -> Result<Box<dyn Quiet>, StoreError> {

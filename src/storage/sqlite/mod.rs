@@ -764,12 +764,27 @@ impl Store for SqliteStore {
         updated_device(tx, row, id).await
     }
 
-    async fn count_children(&self, parent: &DeviceId) -> Result<u64, StoreError> {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM devices WHERE parent = ?1")
-            .bind(parent.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(u64::try_from(count).unwrap_or(0))
+    async fn count_children(
+        &self,
+        parents: &[DeviceId],
+    ) -> Result<HashMap<DeviceId, u64>, StoreError> {
+        if parents.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<&str> = parents.iter().map(DeviceId::as_str).collect();
+        sqlx::query(
+            "SELECT parent, count(*) AS n FROM devices \
+             WHERE parent IN (SELECT value FROM json_each(?1)) GROUP BY parent",
+        )
+        .bind(to_json(&ids)?)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| {
+            let n: i64 = row.try_get("n")?;
+            Ok((row.device_id("parent")?, u64::try_from(n).unwrap_or(0)))
+        })
+        .collect()
     }
 
     async fn devices_by_id(&self, ids: &[DeviceId]) -> Result<Vec<Device>, StoreError> {
