@@ -97,13 +97,11 @@ impl SqliteStore {
     }
 
     /// Brings every device's stored label rule (`rule_ms`) in line with the configured
-    /// rules: without rules, one statement clears them; with rules, the labelled
-    /// devices are read a page at a time and those whose rule changed are rewritten.
+    /// rules: the labelled devices are read a page at a time and those whose rule
+    /// changed are rewritten. Without rules, [`Self::reschedule`] clears them in its
+    /// own scan.
     async fn rematch_rules(&self) -> Result<(), StoreError> {
         if self.deadlines.rules.is_empty() {
-            sqlx::query("UPDATE devices SET rule_ms = NULL WHERE rule_ms IS NOT NULL")
-                .execute(&self.pool)
-                .await?;
             return Ok(());
         }
         let mut after = String::new();
@@ -148,20 +146,34 @@ impl SqliteStore {
     }
 
     /// Rewrites the deadlines that differ from what `self.deadlines` makes of them:
-    /// one scan, writing only what changed.
+    /// one scan, writing only what changed. Without rules the same scan clears the
+    /// label rules a previous configuration left (a second scan would read a large
+    /// file into a second connection's page cache).
     async fn reschedule(&self) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
-        let moved = sqlx::query(concat!(
-            "UPDATE devices SET deadline_at = last_seen_at + ",
-            offline_after!("offline_after_ms", "interval_ms", "?1", "rule_ms", "?2"),
-            " WHERE last_seen_at IS NOT NULL AND deadline_at IS NOT last_seen_at + ",
-            offline_after!("offline_after_ms", "interval_ms", "?1", "rule_ms", "?2")
-        ))
-        .bind(self.deadlines.missed_beats_i64())
-        .bind(self.deadlines.default_ms())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let query = if self.deadlines.rules.is_empty() {
+            sqlx::query(concat!(
+                "UPDATE devices SET rule_ms = NULL, deadline_at = last_seen_at + ",
+                offline_after!("offline_after_ms", "interval_ms", "?1", "NULL", "?2"),
+                " WHERE rule_ms IS NOT NULL OR (last_seen_at IS NOT NULL \
+                     AND deadline_at IS NOT last_seen_at + ",
+                offline_after!("offline_after_ms", "interval_ms", "?1", "NULL", "?2"),
+                ")"
+            ))
+        } else {
+            sqlx::query(concat!(
+                "UPDATE devices SET deadline_at = last_seen_at + ",
+                offline_after!("offline_after_ms", "interval_ms", "?1", "rule_ms", "?2"),
+                " WHERE last_seen_at IS NOT NULL AND deadline_at IS NOT last_seen_at + ",
+                offline_after!("offline_after_ms", "interval_ms", "?1", "rule_ms", "?2")
+            ))
+        };
+        let moved = query
+            .bind(self.deadlines.missed_beats_i64())
+            .bind(self.deadlines.default_ms())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         tx.commit().await?;
         if moved > 0 {
             tracing::info!(
