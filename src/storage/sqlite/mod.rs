@@ -91,16 +91,15 @@ impl SqliteStore {
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
         let store = Self { pool, deadlines };
-        store.rematch_rules().await?;
         store.reschedule().await?;
         Ok(store)
     }
 
     /// Brings every device's stored label rule (`rule_ms`) in line with the configured
-    /// rules: the labelled devices are read a page at a time and those whose rule
-    /// changed are rewritten. Without rules, [`Self::reschedule`] clears them in its
-    /// own scan.
-    async fn rematch_rules(&self) -> Result<(), StoreError> {
+    /// rules, inside [`Self::reschedule`]'s transaction (one connection, one page
+    /// cache): the labelled devices are read a page at a time and those whose rule
+    /// changed are rewritten. Without rules, the rescheduling scan clears them.
+    async fn rematch_rules(&self, tx: &mut WriteTx) -> Result<(), StoreError> {
         if self.deadlines.rules.is_empty() {
             return Ok(());
         }
@@ -108,10 +107,11 @@ impl SqliteStore {
         let mut changed = 0u64;
         loop {
             let rows = sqlx::query(
-                "SELECT device_id, labels, rule_ms FROM devices                  WHERE device_id > ?1 AND labels IS NOT NULL ORDER BY device_id LIMIT 10000",
+                "SELECT device_id, labels, rule_ms FROM devices \
+                 WHERE device_id > ?1 AND labels IS NOT NULL ORDER BY device_id LIMIT 10000",
             )
             .bind(&after)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut **tx)
             .await?;
             let Some(last) = rows.last() else { break };
             after = last.try_get("device_id")?;
@@ -123,11 +123,7 @@ impl SqliteStore {
                     moved.push((row.try_get("device_id")?, rule));
                 }
             }
-            if moved.is_empty() {
-                continue;
-            }
             changed += moved.len() as u64;
-            let mut tx = self.write().await?;
             for chunk in chunks(&moved) {
                 let mut query =
                     QueryBuilder::<Sqlite>::new("UPDATE devices SET rule_ms = v.column2 FROM (");
@@ -135,9 +131,8 @@ impl SqliteStore {
                     values.push_bind(id.as_str()).push_bind(*rule);
                 });
                 query.push(") AS v WHERE devices.device_id = v.column1");
-                query.build().execute(&mut *tx).await?;
+                query.build().execute(&mut **tx).await?;
             }
-            tx.commit().await?;
         }
         if changed > 0 {
             tracing::info!(devices = changed, "label rules matched again");
@@ -151,6 +146,7 @@ impl SqliteStore {
     /// file into a second connection's page cache).
     async fn reschedule(&self) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
+        self.rematch_rules(&mut tx).await?;
         let query = if self.deadlines.rules.is_empty() {
             sqlx::query(concat!(
                 "UPDATE devices SET rule_ms = NULL, deadline_at = last_seen_at + ",
