@@ -177,16 +177,6 @@ mod tests {
         rules: Vec::new(),
     };
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        Labels::try_from(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<std::collections::BTreeMap<_, _>>(),
-        )
-        .expect("valid labels")
-    }
-
     #[test]
     fn own_setting_beats_declared_interval_beats_label_rule_beats_fleet_default() {
         let own = Some(Duration::from_secs(20));
@@ -215,21 +205,21 @@ mod tests {
         let fleet = Deadlines {
             rules: vec![
                 Rule {
-                    labels: labels(&[("kind", "sensor"), ("site", "north")]),
+                    labels: Labels::of(&[("kind", "sensor"), ("site", "north")]),
                     offline_after: Duration::from_secs(600),
                 },
                 Rule {
-                    labels: labels(&[("kind", "sensor")]),
+                    labels: Labels::of(&[("kind", "sensor")]),
                     offline_after: Duration::from_secs(7200),
                 },
             ],
             ..FLEET
         };
-        let north = labels(&[("kind", "sensor"), ("site", "north"), ("floor", "2")]);
+        let north = Labels::of(&[("kind", "sensor"), ("site", "north"), ("floor", "2")]);
         assert_eq!(fleet.rule(&north), Some(Duration::from_secs(600)));
-        let south = labels(&[("kind", "sensor"), ("site", "south")]);
+        let south = Labels::of(&[("kind", "sensor"), ("site", "south")]);
         assert_eq!(fleet.rule(&south), Some(Duration::from_secs(7200)));
-        assert_eq!(fleet.rule(&labels(&[("kind", "pump")])), None);
+        assert_eq!(fleet.rule(&Labels::of(&[("kind", "pump")])), None);
         assert_eq!(fleet.rule(&Labels::default()), None);
     }
 

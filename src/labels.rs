@@ -137,6 +137,18 @@ impl Labels {
         self.0.iter().map(|(k, v)| k.len() + v.len() + 48).sum()
     }
 
+    /// Labels from `(key, value)` pairs, for tests (panics on an invalid label).
+    #[cfg(test)]
+    pub fn of(pairs: &[(&str, &str)]) -> Self {
+        Self::try_from(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+        )
+        .expect("valid labels")
+    }
+
     /// As a JSON object, the way both stores keep it.
     pub fn to_json(&self) -> String {
         // A map of strings always serializes.

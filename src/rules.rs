@@ -644,16 +644,6 @@ mod tests {
         );
     }
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        Labels::try_from(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<std::collections::BTreeMap<_, _>>(),
-        )
-        .expect("valid labels")
-    }
-
     /// A heartbeat's labels are merged into the stored ones before the rule is picked
     /// (the stores send a heartbeat whose labels change something down this path).
     #[test]
@@ -662,7 +652,7 @@ mod tests {
             default: std::time::Duration::from_secs(60),
             missed_beats: 3,
             rules: vec![crate::deadline::Rule {
-                labels: labels(&[("kind", "sensor"), ("site", "north")]),
+                labels: Labels::of(&[("kind", "sensor"), ("site", "north")]),
                 offline_after: std::time::Duration::from_secs(600),
             }],
         };
@@ -670,7 +660,7 @@ mod tests {
             for device in ["joins", "declares", "elsewhere", "plain"] {
                 let mut hb = beat(true);
                 if device != "plain" {
-                    hb.labels = Some(labels(&[("kind", "sensor")]));
+                    hb.labels = Some(Labels::of(&[("kind", "sensor")]));
                 }
                 if device == "declares" {
                     hb.interval = Some(std::time::Duration::from_secs(5));
@@ -679,11 +669,11 @@ mod tests {
             }
         });
         let mut north = device(Status::Online, Some(500), 500, None);
-        north.labels = labels(&[("site", "north")]);
+        north.labels = Labels::of(&[("site", "north")]);
         let mut south = device(Status::Online, Some(500), 500, None);
-        south.labels = labels(&[("site", "south")]);
+        south.labels = Labels::of(&[("site", "south")]);
         let mut plain = device(Status::Online, Some(500), 500, None);
-        plain.labels = labels(&[("kind", "sensor"), ("site", "north")]);
+        plain.labels = Labels::of(&[("kind", "sensor"), ("site", "north")]);
         let current = stored([
             ("joins", north.clone()),
             ("declares", north),

@@ -16,16 +16,6 @@ fn id(text: &str) -> DeviceId {
     DeviceId::parse(text).expect("id")
 }
 
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    serde_json::from_value(serde_json::Value::Object(
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
-            .collect(),
-    ))
-    .expect("labels")
-}
-
 #[derive(Default)]
 struct World {
     devices: Mutex<HashMap<DeviceId, Device>>,
@@ -299,7 +289,7 @@ fn grouping(threshold: u32, by: &[&str]) -> PolicySettings {
 #[tokio::test]
 async fn a_storm_at_one_site_is_one_message_when_its_window_closes() {
     let mut h = Harness::new(grouping(50, &["site"]));
-    let north = labels(&[("site", "north")]);
+    let north = Labels::of(&[("site", "north")]);
     for i in 0..300 {
         let name = format!("pump-{i:03}");
         h.world.set(&name, Status::Offline, 0, None);
@@ -387,7 +377,7 @@ async fn groups_are_per_label_value_and_per_kind() {
                 Status::Offline
             },
             1_000,
-            labels(&[("site", site)]),
+            Labels::of(&[("site", site)]),
             None,
         );
     }
