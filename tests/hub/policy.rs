@@ -376,6 +376,47 @@ async fn children_behind_a_dead_gateway_are_one_message_and_one_recovery() {
     app.stop().await;
 }
 
+/// Silences `devices` for `seconds` from now through the API; returns when it ends.
+async fn silence_for(
+    app: &TestApp,
+    devices: &[&str],
+    seconds: i64,
+) -> chrono::DateTime<chrono::Utc> {
+    let ends_at = chrono::Utc::now() + chrono::Duration::seconds(seconds);
+    let response = app
+        .request(reqwest::Method::POST, "/api/v1/silences")
+        .json(&serde_json::json!({
+            "device_ids": devices,
+            "ends_at": ends_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "comment": "firmware roll-out",
+        }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    ends_at
+}
+
+/// Nothing was told before `ends_at` (which must still lie ahead), then something is,
+/// not before it; then waits a while for anything more, which the caller judges.
+async fn told_at_the_end_only(
+    hooks: &Receiver,
+    watcher: &mut StatusWatcher,
+    ends_at: chrono::DateTime<chrono::Utc>,
+) {
+    assert!(
+        chrono::Utc::now() < ends_at,
+        "the scenario ran past the silence; lengthen it"
+    );
+    assert!(hooks.received().is_empty(), "nothing while silenced");
+    hooks.wait_for_accepted(1, PATIENCE).await;
+    assert!(
+        chrono::Utc::now() >= ends_at,
+        "told only once the silence ended"
+    );
+    watcher.collect_for(Duration::from_secs(3)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silence_holds_notifications_and_a_device_still_down_at_its_end_is_told_once() {
     let hooks = Receiver::start().await;
@@ -388,18 +429,7 @@ async fn a_silence_holds_notifications_and_a_device_still_down_at_its_end_is_tol
     let broken = app.device("broken", BEAT).await;
     watcher.expect("flaky", Status::Online, "registered").await;
     watcher.expect("broken", Status::Online, "registered").await;
-    let ends_at = chrono::Utc::now() + chrono::Duration::seconds(8);
-    let response = app
-        .request(reqwest::Method::POST, "/api/v1/silences")
-        .json(&serde_json::json!({
-            "device_ids": ["flaky", "broken"],
-            "ends_at": ends_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            "comment": "firmware roll-out",
-        }))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    let ends_at = silence_for(&app, &["flaky", "broken"], 8).await;
 
     // Inside the silence: one device fails and recovers, the other fails for good.
     // Both transitions are recorded and published as ever.
@@ -413,18 +443,7 @@ async fn a_silence_holds_notifications_and_a_device_still_down_at_its_end_is_tol
     watcher
         .expect("broken", Status::Offline, "heartbeat_timeout")
         .await;
-    assert!(
-        chrono::Utc::now() < ends_at,
-        "the scenario ran past the silence; lengthen it"
-    );
-    assert!(hooks.received().is_empty(), "nothing while silenced");
-
-    hooks.wait_for_accepted(1, PATIENCE).await;
-    assert!(
-        chrono::Utc::now() >= ends_at,
-        "told only once the silence ended"
-    );
-    watcher.collect_for(Duration::from_secs(3)).await;
+    told_at_the_end_only(&hooks, &mut watcher, ends_at).await;
     assert_eq!(
         told(&hooks),
         [("device.offline".to_string(), "broken".to_string(), 0)],
@@ -447,17 +466,7 @@ async fn a_device_a_silence_held_across_a_restart_is_told_when_the_silence_ends(
     let mut watcher = app.watch().await;
     let broken = app.device("broken", BEAT).await;
     watcher.expect("broken", Status::Online, "registered").await;
-    let ends_at = chrono::Utc::now() + chrono::Duration::seconds(10);
-    let response = app
-        .request(reqwest::Method::POST, "/api/v1/silences")
-        .json(&serde_json::json!({
-            "device_ids": ["broken"],
-            "ends_at": ends_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        }))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    let ends_at = silence_for(&app, &["broken"], 10).await;
     broken.silence().await.expect("silence");
     watcher
         .expect("broken", Status::Offline, "heartbeat_timeout")
@@ -485,17 +494,7 @@ async fn a_device_a_silence_held_across_a_restart_is_told_when_the_silence_ends(
 
     let app = start(settings, database).await;
     let mut watcher = app.watch().await;
-    assert!(
-        chrono::Utc::now() < ends_at,
-        "the scenario ran past the silence; lengthen it"
-    );
-    assert!(hooks.received().is_empty(), "nothing while silenced");
-    hooks.wait_for_accepted(1, PATIENCE).await;
-    assert!(
-        chrono::Utc::now() >= ends_at,
-        "told only once the silence ended"
-    );
-    watcher.collect_for(Duration::from_secs(3)).await;
+    told_at_the_end_only(&hooks, &mut watcher, ends_at).await;
     assert_eq!(
         told(&hooks),
         [("device.offline".to_string(), "broken".to_string(), 0)],
