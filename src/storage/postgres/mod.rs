@@ -394,7 +394,8 @@ mod silences;
 /// another writer changed meanwhile). Returns the ids it could not refresh (the stored
 /// status differs, or the device is unknown): they take the full path.
 /// The deadline is computed in the write from the stored setting, interval and label
-/// rule (a heartbeat with labels only comes here while no rules are configured), with
+/// rule (while rules are configured, a heartbeat whose labels change one is not
+/// refreshed here: `$18`), with
 /// the missed beats and default offline_after as `$16` and `$17`; `$18` says whether
 /// label rules are configured.
 const REFRESH_STEADY: &str = concat!(

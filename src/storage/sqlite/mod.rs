@@ -346,8 +346,9 @@ const ON_CONFLICT_UPDATE: &str = " ON CONFLICT (device_id) DO UPDATE SET \
 /// `column1..column15` of the VALUES list: id, status, seen, device_time,
 /// clock_skew_ms, error, interval, the six report columns, labels (merged key by key
 /// into the stored ones), parent ([`parent_change`]: NULL keeps it). The deadline
-/// comes last, [`offline_after!`] spelled out (the label rule is the stored one: a
-/// heartbeat with labels only comes here while no rules are configured): its two
+/// comes last, [`offline_after!`] spelled out (the label rule is the stored one: while
+/// rules are configured, only heartbeats whose labels change nothing are kept here,
+/// [`REFRESH_STEADY_LABELS_KEPT`]): its two
 /// parameters (missed beats, default offline_after) are bound by [`refresh_steady`] in
 /// text order, before the VALUES.
 const REFRESH_STEADY: &str = "UPDATE devices SET \
