@@ -1417,33 +1417,15 @@ mod tests {
                     offline_after = \"2h\"\n\n[[heartbeat.rules]]\nlabels = { kind = \"pump\" }\n\
                     offline_after = \"30s\"\n";
         let settings = Settings::load_from_toml(toml, []).expect("loads");
-        let deadlines = settings.heartbeat.deadlines();
-        let found: Vec<(Vec<(String, String)>, Duration)> = deadlines
-            .rules
-            .iter()
-            .map(|rule| {
-                let labels = rule
-                    .labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect();
-                (labels, rule.offline_after)
-            })
-            .collect();
+        let rule = |pairs: &[(&str, &str)], secs| crate::deadline::Rule {
+            labels: crate::labels::Labels::of(pairs),
+            offline_after: Duration::from_secs(secs),
+        };
         assert_eq!(
-            found,
+            settings.heartbeat.deadlines().rules,
             [
-                (
-                    vec![
-                        ("kind".into(), "sensor".into()),
-                        ("site".into(), "north".into())
-                    ],
-                    Duration::from_secs(7200)
-                ),
-                (
-                    vec![("kind".into(), "pump".into())],
-                    Duration::from_secs(30)
-                ),
+                rule(&[("kind", "sensor"), ("site", "north")], 7200),
+                rule(&[("kind", "pump")], 30),
             ]
         );
         assert!(load(&[]).expect("loads").heartbeat.rules.is_empty());
